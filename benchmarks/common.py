@@ -1,0 +1,39 @@
+"""Shared bits of the benchmark scripts: where the real data is, timing, JSON output."""
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+VIDEOS = DATA / "videos"
+CLIPS_256 = ["styletalk_obama_clip1.mp4", "styletalk_andrew_clip1.mp4"]
+CLIPS_512 = ["sadtalker_WDA_AlexandriaOcasioCortez_000.mp4", "sadtalker_WDA_KatieHill_000.mp4"]
+
+
+def require_data():
+    if not VIDEOS.is_dir():
+        raise SystemExit(f"benchmark data not found at {DATA} (the shared/ folder beside the checkout)")
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process and its finished children, MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids) / 1024, 1)
+
+
+def report(results, out_path=None):
+    text = json.dumps(results, indent=1)
+    print(text)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(text + "\n")

@@ -1,0 +1,114 @@
+"""The face-swap autoencoder: one shared encoder, one decoder per person.
+
+The default configuration, "original", is the tutorial's model exactly
+(64x64 input, 82.06 M parameters). Other presets only change the numbers in
+MODEL_CONFIGS; the scripts rebuild any of them from a checkpoint's config.
+"""
+import torch
+from torch import nn
+
+# Presets: input size, encoder conv widths, bottleneck width, decoder widths.
+MODEL_CONFIGS = {
+    # The tutorial's model: 3->128->256->512->1024, dense 1024, decoders 256->128->64.
+    "original": dict(input_size=64, encoder_channels=(128, 256, 512, 1024), latent_dim=1024,
+                     decoder_channels=(256, 128, 64)),
+    # Same layout at 128 px: one more upscale in each decoder.
+    "original128": dict(input_size=128, encoder_channels=(128, 256, 512, 1024, 1024), latent_dim=1024,
+                        decoder_channels=(256, 128, 64, 32)),
+    # A small model for quick CPU runs and tests (about 1/16 of the compute).
+    "tiny": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
+                 decoder_channels=(64, 32, 16)),
+}
+
+
+def model_config(name):
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+    return dict(name=name, **MODEL_CONFIGS[name])
+
+
+class ConvBlock(nn.Sequential):
+    """5x5 conv, stride 2 ('same' padding), LeakyReLU(0.1): halves the size."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, cout, 5, stride=2, padding=2), nn.LeakyReLU(0.1))
+
+
+class UpscaleBlock(nn.Sequential):
+    """3x3 conv to 4x channels, LeakyReLU(0.1), PixelShuffle(2): doubles the size."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.Conv2d(cin, cout * 4, 3, padding=1), nn.LeakyReLU(0.1), nn.PixelShuffle(2))
+
+
+class Encoder(nn.Module):
+    def __init__(self, input_size, encoder_channels, latent_dim):
+        super().__init__()
+        widths = (3, *encoder_channels)
+        self.convs = nn.Sequential(*[ConvBlock(a, b) for a, b in zip(widths, widths[1:])])
+        top = encoder_channels[-1]
+        side = input_size // 2 ** len(encoder_channels)  # 4 for the original
+        self.top, self.side = top, side
+        self.dense = nn.Sequential(nn.Flatten(), nn.Linear(top * side * side, latent_dim),
+                                   nn.Linear(latent_dim, top * 4 * 4))
+        self.upscale = UpscaleBlock(top, top // 2)
+
+    def forward(self, x):                          # (B, 3, 64, 64)
+        x = self.convs(x)                          # (B, 1024, 4, 4)
+        x = self.dense(x)                          # (B, 16384)
+        x = x.view(-1, self.top, 4, 4)             # (B, 1024, 4, 4)
+        return self.upscale(x)                     # (B, 512, 8, 8)
+
+
+class Decoder(nn.Module):
+    def __init__(self, in_channels, decoder_channels):
+        super().__init__()
+        widths = (in_channels, *decoder_channels)
+        self.upscales = nn.Sequential(*[UpscaleBlock(a, b) for a, b in zip(widths, widths[1:])])
+        self.to_rgb = nn.Conv2d(decoder_channels[-1], 3, 5, padding=2)
+
+    def forward(self, x):                          # (B, 512, 8, 8)
+        x = self.upscales(x)                       # (B, 64, 64, 64)
+        return torch.sigmoid(self.to_rgb(x))       # (B, 3, 64, 64)
+
+
+class FaceSwapModel(nn.Module):
+    """Shared encoder + decoder_a + decoder_b. forward(x, side) with side "a" or "b"."""
+
+    def __init__(self, name="original", input_size=64, encoder_channels=(128, 256, 512, 1024),
+                 latent_dim=1024, decoder_channels=(256, 128, 64)):
+        super().__init__()
+        if input_size != 8 * 2 ** len(decoder_channels):
+            raise ValueError(f"input_size {input_size} needs {input_size // 8} = 2^len(decoder_channels)")
+        if input_size // 2 ** len(encoder_channels) < 1:
+            raise ValueError("too many encoder blocks for the input size")
+        self.config = dict(name=name, input_size=input_size, encoder_channels=tuple(encoder_channels),
+                           latent_dim=latent_dim, decoder_channels=tuple(decoder_channels))
+        self.encoder = Encoder(input_size, encoder_channels, latent_dim)
+        self.decoder_a = Decoder(encoder_channels[-1] // 2, decoder_channels)
+        self.decoder_b = Decoder(encoder_channels[-1] // 2, decoder_channels)
+
+    @property
+    def input_size(self):
+        return self.config["input_size"]
+
+    def decoder(self, side):
+        if side == "a":
+            return self.decoder_a
+        if side == "b":
+            return self.decoder_b
+        raise ValueError(f"side must be 'a' or 'b', not {side!r}")
+
+    def forward(self, x, side):
+        decoder = self.decoder(side)
+        return decoder(self.encoder(x))
+
+    def forward_both(self, x_a, x_b):
+        """One encoder pass over both sides' batches (cheaper than two), then each decoder."""
+        z = self.encoder(torch.cat([x_a, x_b]))
+        return self.decoder_a(z[: len(x_a)]), self.decoder_b(z[len(x_a):])
+
+
+def build_model(config):
+    """Rebuild a model from a config dict (as stored in checkpoints)."""
+    return FaceSwapModel(**config)
