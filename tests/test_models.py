@@ -1,0 +1,49 @@
+"""models.py: the tutorial's exact sizes, shapes, the shared encoder, side checks."""
+import pytest
+import torch
+
+import models
+
+
+def test_original_has_the_tutorials_parameter_count():
+    model = models.build_model(models.model_config("original"))
+    assert sum(p.numel() for p in model.parameters()) == 82_062_470  # 82.06 M
+    enc = sum(p.numel() for p in model.encoder.parameters())
+    dec = sum(p.numel() for p in model.decoder_a.parameters())
+    assert (enc, dec) == (69_662_976, 6_199_747)
+
+
+@pytest.mark.parametrize("name", list(models.MODEL_CONFIGS))
+def test_shapes(name):
+    model = models.build_model(models.model_config(name))
+    s = model.input_size
+    x = torch.rand(2, 3, s, s)
+    z = model.encoder(x)
+    assert z.shape == (2, model.config["encoder_channels"][-1] // 2, 8, 8)
+    for side in "ab":
+        y = model(x, side)
+        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+
+
+def test_one_encoder_two_decoders():
+    model = models.build_model(models.model_config("tiny"))
+    x = torch.rand(3, 3, 64, 64)
+    assert model(x, "a").sub(model(x, "b")).abs().max() > 0  # different decoders
+    model.decoder_b.load_state_dict(model.decoder_a.state_dict())
+    assert torch.equal(model(x, "a"), model(x, "b"))  # ... behind one shared encoder
+    ya, yb = model.forward_both(x, x[:1])
+    assert torch.allclose(ya, model(x, "a"), atol=1e-6) and torch.allclose(yb, model(x[:1], "b"), atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["c", "A", None, 0])
+def test_rejects_other_sides(side):
+    model = models.build_model(models.model_config("tiny"))
+    with pytest.raises(ValueError, match="side must be"):
+        model(torch.rand(1, 3, 64, 64), side)
+
+
+def test_unknown_config():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.model_config("huge")
+    with pytest.raises(ValueError):
+        models.FaceSwapModel(input_size=96)

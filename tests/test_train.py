@@ -1,0 +1,154 @@
+"""train.py: checkpoints, exact resume, Ctrl-C, NaN, bad input, and learning on real faces."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import utils
+
+
+def tiny_args(faces, model_dir, *extra):
+    return ["--faces-a", str(faces[0]), "--faces-b", str(faces[1]), "--model-dir", str(model_dir),
+            "--model", "tiny", "--batch-size", "4", "--precision", "fp32", "--workers", "0",
+            "--preview-every", "1000", "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def faces(obama_faces, andrew_faces):
+    return obama_faces / "faces", andrew_faces / "faces"
+
+
+def weights(model_dir, name=train.CHECKPOINT):
+    return train.load_checkpoint(model_dir / name)["model"]
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(faces, tmp_path):
+    assert train.main(tiny_args(faces, tmp_path, "--iterations", "2")) == 0
+    ckpt = train.load_checkpoint(tmp_path / train.CHECKPOINT)
+    assert ckpt["step"] == 2 and ckpt["config"]["name"] == "tiny" and "optimizer" in ckpt
+    model = train.model_from_checkpoint(ckpt).eval()
+    again = train.model_from_checkpoint(train.load_checkpoint(tmp_path / train.CHECKPOINT)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x, "b"), again(x, "b"))
+    assert (tmp_path / "preview.png").exists() and utils.read_image(tmp_path / "preview.png").shape[0] > 6 * 64
+
+
+def test_resume_continues_exactly(faces, tmp_path):
+    """2N steps in one go == N steps, stop, resume to 2N (same weights, fixed seed, CPU)."""
+    train.main(tiny_args(faces, tmp_path / "once", "--iterations", "6", "--save-every", "3", "--workers", "1"))
+    train.main(tiny_args(faces, tmp_path / "twice", "--iterations", "3", "--workers", "1"))
+    train.main(tiny_args(faces, tmp_path / "twice", "--iterations", "6"))
+    a, b = weights(tmp_path / "once"), weights(tmp_path / "twice")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = list(csv.DictReader(open(tmp_path / "twice" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_already_done_is_a_no_op(faces, tmp_path, capsys):
+    train.main(tiny_args(faces, tmp_path, "--iterations", "1"))
+    before = (tmp_path / train.CHECKPOINT).read_bytes()
+    assert train.main(tiny_args(faces, tmp_path, "--iterations", "1")) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / train.CHECKPOINT).read_bytes() == before
+
+
+def test_ctrl_c_saves(faces, tmp_path, monkeypatch):
+    real_step, calls = train.train_step, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    assert train.main(tiny_args(faces, tmp_path, "--iterations", "100", "--save-every", "50")) == 0
+    assert train.load_checkpoint(tmp_path / train.CHECKPOINT)["step"] == 3
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
+    real_step, calls = train.train_step, []
+
+    def exploding(*args):
+        calls.append(1)
+        return (float("nan"), 0.1) if len(calls) == 5 else real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", exploding)
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(faces, tmp_path, "--iterations", "100", "--save-every", "2"))
+    assert e.value.code == 1
+    assert "NaN" in capsys.readouterr().err
+    ckpt = train.load_checkpoint(tmp_path / train.CHECKPOINT)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bad_inputs(faces, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--faces-a", str(tmp_path / "nope")], "faces folder not found"),
+        (["--faces-a", str(tmp_path / "empty")], "no face images"),
+        (["--batch-size", "0"], "--batch-size must be 1 or more"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_args(faces, tmp_path / "m", *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and message in err and "Traceback" not in err
+    # a corrupt checkpoint is reported, not overwritten
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / train.CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(faces, tmp_path / "bad", "--iterations", "1"))
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "bad" / train.CHECKPOINT).read_bytes() == b"garbage"
+    # another model preset on top of a checkpoint is refused
+    train.main(tiny_args(faces, tmp_path / "m2", "--iterations", "1"))
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(faces, tmp_path / "m2", "--model", "original"))
+    assert "holds a 'tiny' model" in capsys.readouterr().err
+
+
+def test_augmentation_pairs_match():
+    """random_warp's target is the same face region as its input (the loss is meaningful)."""
+    rng = np.random.default_rng(0)
+    face = np.zeros((256, 256, 3), np.uint8)
+    face[100:156, 100:156] = 255
+    warped, target = utils.random_warp(face, rng, 64)
+    assert warped.shape == target.shape == (64, 64, 3)
+    # the bright square lands near the centre of both
+    for img in (warped, target):
+        ys, xs = np.nonzero(img[..., 0] > 128)
+        assert abs(ys.mean() - 32) < 4 and abs(xs.mean() - 32) < 4
+
+
+def test_fixed_batch_loss_drops():
+    torch.manual_seed(0)
+    from models import build_model, model_config
+    model = build_model(model_config("tiny"))
+    opt = train.make_optimizer(model, 1e-4)
+    x = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=64, mode="bilinear")  # smooth images
+    losses = []
+    for _ in range(40):
+        ya, yb = model.forward_both(x, x)
+        loss = (ya - x).abs().mean() + (yb - x).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_real_faces_300_steps_lower_both_losses(faces, tmp_path):
+    """300 steps of the tiny model (bf16 where supported) on real Obama/Andrew faces."""
+    assert train.main(["--faces-a", str(faces[0]), "--faces-b", str(faces[1]), "--model-dir", str(tmp_path),
+                       "--model", "tiny", "--batch-size", "8", "--iterations", "300", "--log-every", "10",
+                       "--lr", "2e-4", "--workers", "1"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    first = [float(rows[0][k]) for k in ("loss_a", "loss_b")]
+    last = np.mean([[float(r[k]) for k in ("loss_a", "loss_b")] for r in rows[-5:]], axis=0)
+    assert (last < 0.7 * np.array(first)).all(), (first, last)
+    assert (tmp_path / train.BEST_CHECKPOINT).exists()
