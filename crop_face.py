@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
-import cv2
 from tqdm import tqdm
 
 import utils
@@ -54,15 +53,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-_analyzer = None  # one per worker process
-
-
-def _init_worker(detector, landmarks_model, detect_size, upsample):
-    global _analyzer
-    cv2.setNumThreads(1)
-    _analyzer = utils.FaceAnalyzer(detector, landmarks_model, detect_size, upsample)
-
-
 def process_frame(task):
     """Detect, align and save the faces of one frame; returns (frame name, face records or None if unreadable)."""
     path, faces_dir, all_faces, size = task
@@ -70,7 +60,7 @@ def process_frame(task):
     if image is None:
         return path.name, None
     records = []
-    for k, (box, landmarks) in enumerate(_analyzer.analyze(image, all_faces)):
+    for k, (box, landmarks) in enumerate(utils.worker_analyzer().analyze(image, all_faces)):
         matrix = utils.align_matrix(landmarks, size)
         face_name = f"{path.stem}_{k}.png"
         utils.write_image(Path(faces_dir) / face_name, utils.warp_face(image, matrix, size))
@@ -106,7 +96,7 @@ def run(args):
     faces_dir = utils.ensure_writable_dir(args.faces_dir)
     # Load models once here so a bad --landmarks-model fails before any work starts.
     init = (args.detector, args.landmarks_model, args.detect_size, args.upsample)
-    _init_worker(*init)
+    utils.init_worker_analyzer(*init)
     done = load_previous(faces_dir, args.images_dir, args.size, args.overwrite)
     todo = [p for p in frames if p.name not in done]
     if done:
@@ -121,7 +111,7 @@ def run(args):
             detector=args.detector, frames=dict(sorted(results.items()))))
 
     workers = max(1, min(args.workers, len(tasks)))
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, init) if workers > 1 else None
+    pool = mp.get_context("spawn").Pool(workers, utils.init_worker_analyzer, init) if workers > 1 else None
     try:
         stream = pool.imap(process_frame, tasks, chunksize=8) if pool else map(process_frame, tasks)
         for n, (name, records) in enumerate(tqdm(stream, total=len(tasks), unit="frame", desc="faces")):

@@ -183,6 +183,20 @@ class FaceAnalyzer:
         return [(box, self.landmarks(gray, box)) for box in boxes]
 
 
+_worker_analyzer = None  # one FaceAnalyzer per worker process
+
+
+def init_worker_analyzer(detector, landmarks_model, detect_size, upsample):
+    """Pool initializer: load the dlib models once per process."""
+    global _worker_analyzer
+    cv2.setNumThreads(1)
+    _worker_analyzer = FaceAnalyzer(detector, landmarks_model, detect_size, upsample)
+
+
+def worker_analyzer():
+    return _worker_analyzer
+
+
 def clamp_box(box, width, height):
     l, t, r, b = box
     return [float(max(0, l)), float(max(0, t)), float(min(width - 1, r)), float(min(height - 1, b))]
@@ -432,3 +446,134 @@ def psnr(x, y):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     mse = np.mean((x - y) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+
+
+# ---------------------------------------------------------------- video files (PyAV)
+
+SYNTHETIC_NOTE = "SYNTHETIC MEDIA: face swapped with a deepfake model (faceswap pipeline); not a real recording."
+
+
+def open_video(path):
+    """(PyAV container, its first video stream) or a UserError saying what is wrong."""
+    import av
+
+    path = require_file(path, "video")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise UserError(f"cannot open {path} as a video: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise UserError(f"{path} has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def video_info(path):
+    """dict(fps, width, height, frames, has_audio) of a video file, frames counted by decoding."""
+    container, stream = open_video(path)
+    with container:
+        fps = stream.average_rate or stream.guessed_rate
+        frames = sum(1 for _ in container.decode(stream))
+        return dict(fps=float(fps) if fps else 0.0, width=stream.codec_context.width,
+                    height=stream.codec_context.height, frames=frames,
+                    has_audio=bool(container.streams.audio))
+
+
+def frame_to_bgr(frame):
+    """PyAV frame -> BGR uint8, through 4:4:4 first.
+
+    swscale's direct 4:2:0 <-> BGR path is off by a few levels (chroma 127 for 128:
+    grey 90 comes back as 86, 89, 87); going through yuv444p is exact for grey.
+    """
+    name = frame.format.name
+    if name.startswith("yuvj"):
+        frame = frame.reformat(format="yuvj444p")
+    elif name.startswith("yuv"):
+        frame = frame.reformat(format="yuv444p")
+    return frame.to_ndarray(format="bgr24")
+
+
+def bgr_to_frame(image):
+    """BGR uint8 -> PyAV yuv444p frame (see frame_to_bgr); the encoder subsamples it exactly."""
+    import av
+
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24").reformat(format="yuv444p")
+
+
+def read_video(path):
+    """Yield BGR uint8 frames of a video file, in order."""
+    import av
+
+    container, stream = open_video(path)
+    with container:
+        try:
+            for frame in container.decode(stream):
+                yield frame_to_bgr(frame)
+        except av.FFmpegError as e:
+            raise UserError(f"error decoding {path}: {e}") from None
+
+
+class VideoWriter:
+    """H.264 MP4 through PyAV, optionally copying the audio of `audio_from`, labelled synthetic.
+
+    Writes to a temp file beside `path`; close() renames it into place, abort() removes it.
+    """
+
+    def __init__(self, path, fps, width, height, audio_from=None, crf=18, metadata_note=SYNTHETIC_NOTE):
+        import fractions
+
+        import av
+
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp.mp4")
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.container = av.open(str(self.tmp), "w", format="mp4")
+        rate = fractions.Fraction(fps).limit_denominator(1001) if fps else fractions.Fraction(25)
+        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height = width, height
+        # 4:2:0 needs even sizes; keep odd-sized inputs at their size with 4:4:4
+        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        self.stream.options = {"crf": str(crf), "preset": "veryfast"}
+        self.container.metadata["comment"] = metadata_note
+        self.container.metadata["description"] = metadata_note
+        self.audio_in, self.audio_out = None, None
+        if audio_from is not None:
+            source = av.open(str(audio_from))
+            if source.streams.audio:
+                self.audio_in = source
+                self.audio_out = self.container.add_stream_from_template(source.streams.audio[0])
+            else:
+                source.close()
+        self.count = 0
+
+    def write(self, image):
+        frame = bgr_to_frame(image)
+        frame.pts = self.count
+        self.count += 1
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+
+    def close(self):
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        if self.audio_in is not None:
+            in_stream = self.audio_in.streams.audio[0]
+            for packet in self.audio_in.demux(in_stream):
+                if packet.dts is None:
+                    continue
+                packet.stream = self.audio_out
+                self.container.mux(packet)
+            self.audio_in.close()
+        self.container.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        with contextlib.suppress(Exception):
+            self.container.close()
+        if self.audio_in is not None:
+            self.audio_in.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()

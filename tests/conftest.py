@@ -39,3 +39,44 @@ def andrew_faces(tmp_path_factory):
     crop_from_video.main(["--video-path", str(ANDREW), "--save-dir", str(root / "frames"), "--max-frames", "120"])
     crop_face.main(["--images-dir", str(root / "frames"), "--faces-dir", str(root / "faces"), "--workers", "2"])
     return root
+
+
+def make_clip(path, frames, fps=30, audio_seconds=None):
+    """Write BGR frames as an H.264 MP4 (near-lossless), with a 440 Hz AAC tone if audio_seconds is given."""
+    import fractions
+
+    import av
+    import numpy as np
+
+    import utils
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fractions.Fraction(fps))
+        video.height, video.width = frames[0].shape[:2]
+        video.pix_fmt, video.options = "yuv444p", {"crf": "0"}
+        audio = out.add_stream("aac", rate=16000) if audio_seconds else None
+        for i, f in enumerate(frames):
+            frame = utils.bgr_to_frame(f)
+            frame.pts = i
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+        if audio:
+            t = np.arange(int(16000 * audio_seconds)) / 16000
+            tone = np.repeat((0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], 2, axis=0)
+            chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="stereo")
+            chunk.sample_rate, chunk.pts = 16000, 0
+            out.mux(audio.encode(chunk))
+            out.mux(audio.encode())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(obama_faces, andrew_faces, tmp_path_factory):
+    """A tiny model trained briefly on the real faces (behaviour tests, not quality)."""
+    import train
+
+    model_dir = tmp_path_factory.mktemp("tiny_model")
+    train.main(["--faces-a", str(obama_faces / "faces"), "--faces-b", str(andrew_faces / "faces"),
+                "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "8", "--iterations", "40",
+                "--lr", "2e-4", "--workers", "0"])
+    return model_dir

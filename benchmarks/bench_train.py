@@ -1,0 +1,118 @@
+"""Benchmark train.py's step (samples/s) against a faithful re-implementation of the tutorial's step.
+
+The tutorial's step: two Adam optimizers (encoder+decoder A, encoder+decoder B, so the encoder is
+stepped twice), fp32, NCHW, augmentation done inline in the training loop. Ours: one fused Adam,
+batches prepared in a DataLoader worker, channels_last, bf16 autocast (where the CPU has it) or fp32.
+All on the same real faces (Obama / Andrew) in one run, batch 64+64 by default.
+
+    python benchmarks/bench_train.py --steps 3 --out bench_out/train.json
+    python benchmarks/bench_train.py --curve-steps 200 --batch-size 16    # loss curves, ours vs tutorial
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import VIDEOS, report, require_data
+
+import crop_face
+import crop_from_video
+import models
+import train
+
+
+def prepare_faces(tmp, frames):
+    dirs = []
+    for clip, name in (("styletalk_obama_clip1.mp4", "A"), ("styletalk_andrew_clip1.mp4", "B")):
+        crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(tmp / name),
+                              "--max-frames", str(frames)])
+        crop_face.main(["--images-dir", str(tmp / name), "--faces-dir", str(tmp / f"{name}_face")])
+        dirs.append(train.load_faces(tmp / f"{name}_face", quiet=True))
+    return dirs
+
+
+def tutorial_steps(faces_a, faces_b, batch_size, steps, seed=0):
+    """The tutorial's loop, faithfully: yields (loss_a, loss_b, seconds) per step."""
+    torch.manual_seed(seed)
+    model = models.build_model(models.model_config("original"))
+    opt_1 = torch.optim.Adam([{"params": model.encoder.parameters()}, {"params": model.decoder_a.parameters()}],
+                             lr=5e-5, betas=(0.5, 0.999))
+    opt_2 = torch.optim.Adam([{"params": model.encoder.parameters()}, {"params": model.decoder_b.parameters()}],
+                             lr=5e-5, betas=(0.5, 0.999))
+    for step in range(steps):
+        t = time.perf_counter()
+        opt_1.zero_grad()
+        opt_2.zero_grad()
+        warped_a, target_a = train.make_batch(faces_a, np.random.default_rng([seed, 0, step, 0]), batch_size, 64)
+        warped_b, target_b = train.make_batch(faces_b, np.random.default_rng([seed, 0, step, 1]), batch_size, 64)
+        loss_1 = F.l1_loss(model(warped_a, "a"), target_a)
+        loss_2 = F.l1_loss(model(warped_b, "b"), target_b)
+        loss_1.backward()
+        loss_2.backward()
+        opt_1.step()
+        opt_2.step()
+        yield loss_1.item(), loss_2.item(), time.perf_counter() - t
+
+
+def our_steps(faces_a, faces_b, batch_size, steps, precision, seed=0, workers=1):
+    """train.py's own step function and loader: yields (loss_a, loss_b, seconds) per step."""
+    torch.manual_seed(seed)
+    device = torch.device("cpu")
+    model = models.build_model(models.model_config("original")).to(memory_format=torch.channels_last)
+    opt = train.make_optimizer(model, 5e-5)
+    dtype = train.pick_precision(precision, device)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    net = train.BothSides(model)
+    loader = iter(train.batch_loader(train.StepBatches(faces_a, faces_b, batch_size, 64, seed), 0, workers))
+    for _ in range(steps):
+        t = time.perf_counter()
+        batch = next(loader)
+        loss_a, loss_b = train.train_step(net, opt, batch, F.l1_loss, device, dtype, scaler)
+        yield loss_a, loss_b, time.perf_counter() - t
+
+
+def samples_per_s(step_iter, batch_size, warmup=1):
+    times = [t for _, _, t in step_iter][warmup:]
+    return round(2 * batch_size * len(times) / sum(times), 2)
+
+
+def run(steps=3, batch_size=64, curve_steps=0, frames=300):
+    require_data()
+    torch.set_num_threads(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        faces_a, faces_b = prepare_faces(Path(tmp), frames)
+    n = steps + 1  # +1 warm-up step, not timed
+    base = samples_per_s(tutorial_steps(faces_a, faces_b, batch_size, n), batch_size)
+    fp32 = samples_per_s(our_steps(faces_a, faces_b, batch_size, n, "fp32"), batch_size)
+    result = dict(benchmark="train", batch_size_per_side=batch_size, timed_steps=steps,
+                  bf16_supported=train.cpu_supports_bf16(), tutorial_samples_per_s=base,
+                  ours_fp32_samples_per_s=fp32, ours_fp32_speedup=round(fp32 / base, 2))
+    if train.cpu_supports_bf16():
+        bf16 = samples_per_s(our_steps(faces_a, faces_b, batch_size, n, "bf16"), batch_size)
+        result.update(ours_bf16_samples_per_s=bf16, ours_bf16_speedup=round(bf16 / base, 2))
+    if curve_steps:
+        default = "bf16" if train.cpu_supports_bf16() else "fp32"
+        tut = [a + b for a, b, _ in tutorial_steps(faces_a, faces_b, batch_size, curve_steps)]
+        ours = [a + b for a, b, _ in our_steps(faces_a, faces_b, batch_size, curve_steps, default)]
+        tail = max(1, curve_steps // 10)
+        result["loss_curve"] = dict(
+            steps=curve_steps, batch_size=batch_size, ours_precision=default,
+            tutorial_first=round(tut[0], 4), ours_first=round(ours[0], 4),
+            tutorial_last_mean=round(float(np.mean(tut[-tail:])), 4),
+            ours_last_mean=round(float(np.mean(ours[-tail:])), 4),
+            tutorial_every_10=[round(v, 4) for v in tut[::10]], ours_every_10=[round(v, 4) for v in ours[::10]])
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--batch-size", type=int, default=64, help="faces per side")
+    p.add_argument("--curve-steps", type=int, default=0, help="also compare loss curves over this many steps")
+    p.add_argument("--frames", type=int, default=300, help="frames per clip to take faces from")
+    p.add_argument("--out", default=None, help="write the JSON here too")
+    a = p.parse_args()
+    report(run(a.steps, a.batch_size, a.curve_steps, a.frames), a.out)

@@ -1,0 +1,124 @@
+"""convert_video.py on real clips: frame count/fps/size kept, audio kept, untouched pixels, errors."""
+import av
+import numpy as np
+import pytest
+from conftest import OBAMA, make_clip, need_data
+
+import convert_video
+import train
+import utils
+
+GRAY = list(range(20, 25))  # frames with no face in the test clip
+
+
+@pytest.fixture(scope="module")
+def clip_with_audio(tmp_path_factory):
+    """60 Obama frames (frames 20-24 replaced by a blank wall) and 2 s of audio."""
+    need_data()
+    frames = [f for _, f in zip(range(60), utils.read_video(OBAMA))]
+    for i in GRAY:
+        frames[i] = np.full_like(frames[i], 90)
+    return make_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", frames, audio_seconds=2.0), frames
+
+
+def run(argv, capsys):
+    try:
+        code = convert_video.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def test_video_keeps_format_audio_and_untouched_pixels(clip_with_audio, tiny_model, tmp_path, capsys):
+    clip, frames = clip_with_audio
+    out = tmp_path / "out.mp4"
+    code, io = run(["--video-path", str(clip), "--model-dir", str(tiny_model), "--output-path", str(out)], capsys)
+    assert code == 0, io.err
+    src, dst = utils.video_info(clip), utils.video_info(out)
+    assert (dst["frames"], dst["fps"], dst["width"], dst["height"]) == (60, 30.0, 256, 256)
+    assert (src["frames"], src["width"]) == (60, 256)
+    with av.open(str(out)) as c:
+        assert [s.type for s in c.streams] == ["video", "audio"]
+        assert c.streams.video[0].codec_context.name == "h264"
+        assert "SYNTHETIC" in c.metadata.get("comment", "")
+        audio_packets = sum(1 for p in c.demux(c.streams.audio[0]) if p.size)
+    with av.open(str(clip)) as c:
+        source_packets = sum(1 for p in c.demux(c.streams.audio[0]) if p.size)
+    assert audio_packets == source_packets >= 31  # 2 s of AAC at 16 kHz, 1024 samples a packet
+    converted = list(utils.read_video(out))
+    for i, (a, b) in enumerate(zip(frames, converted)):
+        diff = np.abs(a.astype(int) - b)
+        if i in GRAY:
+            assert diff.mean() < 1.0, f"frame {i} without a face changed"
+        else:
+            assert diff[:20].mean() < 3.0 and diff[:, :15].mean() < 3.0  # far from the face: only codec noise
+            assert diff[100:180, 80:176].mean() > 3.0  # the face itself was replaced
+    assert "5 passed through" in io.out
+
+
+def test_folder_mode_is_exact_outside_the_face(obama_faces, tiny_model, tmp_path, capsys):
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    names = sorted(p.name for p in (obama_faces / "frames").iterdir() if p.suffix == ".png")[:6]
+    for n in names:
+        utils.write_image(frames_dir / n, utils.read_image(obama_faces / "frames" / n))
+    utils.write_image(frames_dir / "000999.png", np.full((256, 256, 3), 90, np.uint8))
+    out = tmp_path / "out"
+    code, io = run(["--video-path", str(frames_dir), "--model-dir", str(tiny_model), "--output-path", str(out),
+                    "--workers", "1"], capsys)
+    assert code == 0, io.err
+    assert [p.name for p in utils.list_images(out)] == names + ["000999.png"]
+    assert np.array_equal(utils.read_image(out / "000999.png"), utils.read_image(frames_dir / "000999.png"))
+    a, b = utils.read_image(frames_dir / names[0]), utils.read_image(out / names[0])
+    assert np.array_equal(a[:10], b[:10])  # top rows are far outside the face region
+    assert np.abs(a.astype(int) - b).sum() > 0
+
+
+def test_side_by_side_and_label(clip_with_audio, tiny_model, tmp_path, capsys):
+    clip, frames = clip_with_audio
+    out = tmp_path / "sbs.mp4"
+    code, io = run(["--video-path", str(clip), "--model-dir", str(tiny_model), "--output-path", str(out),
+                    "--side-by-side", "--label", "--max-frames", "10", "--start-frame", "15",
+                    "--color", "avg", "--seamless"], capsys)
+    assert code == 0, io.err
+    info = utils.video_info(out)
+    assert (info["frames"], info["width"], info["height"], info["has_audio"]) == (10, 512, 256, False)
+    first = next(utils.read_video(out))
+    assert np.abs(first[:, :256].astype(int) - frames[15]).mean() < 2.0  # left half: the original
+    label = first[230:252, 258:330]  # bottom left of the right half: white text on a black box
+    assert label.min() < 30 and label.max() > 200 and (label < 30).mean() > 0.5
+
+
+def test_errors(clip_with_audio, tiny_model, tmp_path, capsys):
+    clip, frames = clip_with_audio
+    gray = make_clip(tmp_path / "gray.mp4", [np.full((64, 64, 3), 90, np.uint8)] * 5)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / train.CHECKPOINT).write_bytes(b"junk")
+    existing = tmp_path / "exists.mp4"
+    existing.write_bytes(b"keep me")
+    cases = [
+        (["--video-path", str(tmp_path / "nope.mp4")], "video not found"),
+        (["--model-dir", str(tmp_path / "none")], "no checkpoint"),
+        (["--model-dir", str(tmp_path / "bad")], "cannot read checkpoint"),
+        (["--video-path", str(gray)], "no face found in any frame"),
+        (["--output-path", str(existing)], "exists; pass --overwrite"),
+        (["--output-path", str(tmp_path / "x.avi")], "must end in .mp4"),
+    ]
+    for extra, message in cases:
+        argv = ["--video-path", str(clip), "--model-dir", str(tiny_model),
+                "--output-path", str(tmp_path / "o.mp4"), "--workers", "1"] + extra
+        code, io = run(argv, capsys)
+        assert code == 1 and message in io.err and "Traceback" not in io.err, (extra, io.err)
+        assert not (tmp_path / "o.mp4").exists()
+    assert existing.read_bytes() == b"keep me"
+    assert not list(tmp_path.glob(".*tmp*"))  # no half-written temp files left
+
+
+def test_smoothing_follows_and_resets():
+    base = np.random.default_rng(0).uniform(50, 150, (68, 2))
+    moved = base + 1.0
+    smoothed = convert_video.smooth_landmarks(base, moved, 0.5)
+    assert np.allclose(smoothed, base + 0.5)
+    jump = base + 80.0
+    assert np.array_equal(convert_video.smooth_landmarks(base, jump, 0.5), jump)
+    assert np.array_equal(convert_video.smooth_landmarks(None, moved, 0.5), moved)
