@@ -1,0 +1,111 @@
+"""The whole pipeline in one command: frames -> faces -> train -> convert -> evaluate.
+
+Runs the four scripts in order on two videos (person A and person B; by default
+the Obama and Andrew Ng clips of ../shared/data beside the checkout), trains
+for a short fixed budget, and leaves everything in OUT_DIR:
+    personA/, personB/               frames (the last HOLDOUT share of each clip held out)
+    personA_face/, personB_face/     aligned training faces + alignments.json
+    personA_heldout_face/, ...       held-out faces for the reconstruction metric
+    model/                           checkpoint.pt, preview.png, log.csv
+    swapped.mp4                      A's video with B's face (H.264, audio kept, marked synthetic)
+    evaluation.json, contact_sheet.png
+Re-running continues training for another budget and converts again.
+
+Example:
+    python demo.py                                   # the default clips, 15 minutes of training
+    python demo.py --video-a me.mp4 --video-b friend.mp4 --minutes 60
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+import convert_video
+import crop_face
+import crop_from_video
+import evaluate
+import train
+import utils
+
+SHARED_VIDEOS = Path(__file__).resolve().parent.parent / "shared" / "data" / "videos"
+VIDEO_A = SHARED_VIDEOS / "styletalk_obama_clip1.mp4"   # person A: the video that gets the new face
+VIDEO_B = SHARED_VIDEOS / "styletalk_andrew_clip1.mp4"  # person B: the face to put in
+OUT_DIR = Path("demo_out")                               # everything goes here
+MINUTES = 15.0                                           # training budget per run
+HOLDOUT = 0.15                                           # share of each clip kept out of training
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--video-a", type=Path, default=VIDEO_A, help="video of person A (gets B's face)")
+    p.add_argument("--video-b", type=Path, default=VIDEO_B, help="video of person B")
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="output folder for every step")
+    p.add_argument("--minutes", type=float, default=MINUTES, help="training budget of this run")
+    p.add_argument("--model", default="auto",
+                   help="model preset; auto = original on a GPU, tiny on a CPU (trains ~8x faster)")
+    p.add_argument("--batch-size", type=int, default=16, help="faces per side per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--holdout", type=float, default=HOLDOUT, help="share of each clip held out for evaluation")
+    p.add_argument("--max-frames", type=int, default=0, help="frames per clip for training (0 = all)")
+    p.add_argument("--eval-every", type=int, default=3, help="evaluate every Nth converted frame")
+    return p.parse_args(argv)
+
+
+def split_seconds(video, holdout):
+    """The time (s) where the held-out tail of a clip starts."""
+    info = utils.video_info(video)
+    if info["frames"] < 10 or not info["fps"]:
+        raise utils.UserError(f"{video} is too short for the demo ({info['frames']} frames)")
+    return info["frames"] / info["fps"] * (1 - holdout)
+
+
+def run(args):
+    for video in (args.video_a, args.video_b):
+        if not video.is_file():
+            hint = ("the default clips live in ../shared/data beside the checkout; "
+                    "pass your own with --video-a and --video-b") if video in (VIDEO_A, VIDEO_B) else ""
+            raise utils.UserError(f"video not found: {video}" + (f" ({hint})" if hint else ""))
+    out = utils.ensure_writable_dir(args.out_dir)
+    model = args.model if args.model != "auto" else ("original" if torch.cuda.is_available() else "tiny")
+    limit = ["--max-frames", str(args.max_frames)] if args.max_frames else []
+    for name, video in (("A", args.video_a), ("B", args.video_b)):
+        split = split_seconds(video, args.holdout)
+        print(f"\n== person {name}: frames and faces from {video}")
+        steps = [(f"person{name}", ["--end", f"{split:.3f}"] + limit),
+                 (f"person{name}_heldout", ["--start", f"{split:.3f}"])]
+        for folder, extra in steps:
+            crop_from_video.main(["--video-path", str(video), "--save-dir", str(out / folder)] + extra)
+            crop_face.main(["--images-dir", str(out / folder), "--faces-dir", str(out / f"{folder}_face")])
+    print(f"\n== training ({model} model, {args.minutes:g} minutes)")
+    train.main(["--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
+                "--model-dir", str(out / "model"), "--model", model, "--batch-size", str(args.batch_size),
+                "--lr", str(args.lr), "--minutes", str(args.minutes), "--iterations", "0",
+                "--save-every", "100", "--preview-every", "100"])
+    print("\n== converting A's video with B's face")
+    convert_video.main(["--video-path", str(args.video_a), "--model-dir", str(out / "model"),
+                        "--output-path", str(out / "swapped.mp4"), "--overwrite"])
+    print("\n== evaluating")
+    evaluate.main(["--converted-path", str(out / "swapped.mp4"), "--source-path", str(args.video_a),
+                   "--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
+                   "--heldout-a", str(out / "personA_heldout_face"), "--heldout-b", str(out / "personB_heldout_face"),
+                   "--model-dir", str(out / "model"), "--out-dir", str(out), "--every", str(args.eval_every)])
+    print(f"""
+== done; everything is in {out}/
+  frames           {out}/personA, {out}/personB
+  aligned faces    {out}/personA_face, {out}/personB_face (+ *_heldout_face)
+  checkpoint       {out}/model/checkpoint.pt
+  preview          {out}/model/preview.png
+  swapped video    {out}/swapped.mp4
+  evaluation       {out}/evaluation.json, {out}/contact_sheet.png""")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with utils.user_errors():
+        return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
