@@ -1,0 +1,33 @@
+"""demo.py: all four steps end to end on the real default clips, with a tiny budget."""
+import json
+
+import pytest
+from conftest import ANDREW, OBAMA, need_data
+
+import demo
+import utils
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    need_data()
+    out = tmp_path / "demo"
+    assert demo.main(["--video-a", str(OBAMA), "--video-b", str(ANDREW), "--out-dir", str(out),
+                      "--minutes", "0.05", "--max-frames", "40", "--eval-every", "30"]) == 0
+    printed = capsys.readouterr().out
+    for path in ("model/checkpoint.pt", "model/preview.png", "swapped.mp4", "evaluation.json", "contact_sheet.png"):
+        assert (out / path).is_file(), path
+        assert str(out / path.split("/")[0]) in printed
+    assert len(utils.list_images(out / "personA")) == 40
+    assert utils.video_info(out / "swapped.mp4")["frames"] == utils.video_info(OBAMA)["frames"]
+    result = json.loads((out / "evaluation.json").read_text())
+    assert set(result["reconstruction"]) == {"A->A", "B->B"}
+    # the held-out faces come from the clips' last 15 %, never from the training frames
+    train_frames = {int(p.stem) for p in utils.list_images(out / "personA")}
+    heldout_frames = {int(p.stem) for p in utils.list_images(out / "personA_heldout")}
+    assert heldout_frames and min(heldout_frames) > max(train_frames)
+
+
+def test_demo_missing_video(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--video-a", str(tmp_path / "me.mp4"), "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 1 and "video not found" in capsys.readouterr().err
