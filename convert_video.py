@@ -275,6 +275,7 @@ def load_model(args, device):
 
 
 def run(args):
+    utils.print_settings(args, "convert_video.py")
     if not 0 <= args.smooth < 1:
         raise utils.UserError("--smooth must be in [0, 1)")
     if not args.video_path.exists():
@@ -365,6 +366,10 @@ def run(args):
         if pool:
             pool.terminate()
     seconds = time.time() - start
+    if not folder_mode:  # settings and counts beside the video, for provenance
+        utils.write_json(args.output_path.with_suffix(".json"), dict(
+            utils.settings_dict(args), synthetic=utils.SYNTHETIC_NOTE, model_step=step,
+            frames=stats["frames"], frames_swapped=stats["swapped"], seconds=round(seconds, 2)))
     print(f"{stats['frames']} frames ({stats['swapped']} with a swapped face, "
           f"{stats['frames'] - stats['swapped']} passed through) in {seconds:.1f} s "
           f"= {stats['frames'] / seconds:.1f} frames/s -> {args.output_path}")

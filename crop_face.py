@@ -88,6 +88,7 @@ def load_previous(faces_dir, images_dir, size, overwrite):
 
 
 def run(args):
+    utils.print_settings(args, "crop_face.py")
     if not args.images_dir.is_dir():
         raise utils.UserError(f"frames folder not found: {args.images_dir} (run crop_from_video.py first)")
     frames = utils.list_images(args.images_dir)
@@ -108,7 +109,7 @@ def run(args):
     def save():
         utils.write_json(faces_dir / ALIGNMENTS_NAME, dict(
             images_dir=str(args.images_dir.resolve()), size=args.size, coverage=utils.FACE_COVERAGE,
-            detector=args.detector, frames=dict(sorted(results.items()))))
+            detector=args.detector, settings=utils.settings_dict(args), frames=dict(sorted(results.items()))))
 
     workers = max(1, min(args.workers, len(tasks)))
     pool = mp.get_context("spawn").Pool(workers, utils.init_worker_analyzer, init) if workers > 1 else None

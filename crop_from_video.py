@@ -93,6 +93,7 @@ def check_save_dir(save_dir, record, overwrite):
 
 
 def run(args):
+    utils.print_settings(args, "crop_from_video.py")
     if args.every < 1:
         raise utils.UserError("--every must be 1 or more")
     cap, fps, width, height, count = open_video(args.video_path)

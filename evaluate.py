@@ -152,6 +152,7 @@ def contact_sheet(pairs, path, height=160):
 
 
 def run(args):
+    utils.print_settings(args, "evaluate.py")
     for path, what in ((args.converted_path, "converted video"), (args.source_path, "source video")):
         if not path.exists():
             raise utils.UserError(f"{what} not found: {path}")
@@ -217,7 +218,7 @@ def run(args):
                 result["reconstruction"][f"{side.upper()}->{side.upper()}"] = reconstruction(model, faces, side)
     if pairs:
         contact_sheet(pairs, out_dir / "contact_sheet.png")
-    utils.write_json(out_dir / "evaluation.json", result)
+    utils.write_json(out_dir / "evaluation.json", dict(result, settings=utils.settings_dict(args)))
     print_table(result)
     print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'contact_sheet.png'}")
     return result

@@ -110,9 +110,10 @@ def require_file(path, what, hint=""):
 
 
 def print_settings(args, title):
+    """The resolved settings, one line each, so a log shows what a run used."""
     print(f"{title} settings:")
     for key, value in vars(args).items():
-        print(f"  {key:>16}: {value}")
+        print(f"  {key:<16} {value}")
 
 
 def settings_dict(args):

@@ -1,4 +1,6 @@
 """convert_video.py on real clips: frame count/fps/size kept, audio kept, untouched pixels, errors."""
+import json
+
 import av
 import numpy as np
 import pytest
@@ -54,6 +56,8 @@ def test_video_keeps_format_audio_and_untouched_pixels(clip_with_audio, tiny_mod
             assert diff[:20].mean() < 3.0 and diff[:, :15].mean() < 3.0  # far from the face: only codec noise
             assert diff[100:180, 80:176].mean() > 3.0  # the face itself was replaced
     assert "5 passed through" in io.out
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["frames_swapped"] == 55 and "SYNTHETIC" in sidecar["synthetic"]
 
 
 def test_folder_mode_is_exact_outside_the_face(obama_faces, tiny_model, tmp_path, capsys):
