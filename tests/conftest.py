@@ -16,29 +16,29 @@ def need_data():
         pytest.skip(f"real test data not found at {DATA} (shared/ beside the checkout)")
 
 
-@pytest.fixture(scope="session")
-def obama_faces(tmp_path_factory):
-    """Frames and aligned faces of the first 120 frames of the Obama clip (made once per session)."""
+def frames_and_faces(root, video, frames=120):
+    """Frames and aligned faces of the first `frames` frames of a real clip, under root."""
     need_data()
     import crop_face
     import crop_from_video
 
-    root = tmp_path_factory.mktemp("obama")
-    crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(root / "frames"), "--max-frames", "120"])
+    crop_from_video.main(["--video-path", str(video), "--save-dir", str(root / "frames"), "--max-frames", str(frames)])
     crop_face.main(["--images-dir", str(root / "frames"), "--faces-dir", str(root / "faces"), "--workers", "2"])
     return root
+
+
+@pytest.fixture(scope="session")
+def obama_faces(tmp_path_factory):
+    """Person A: the Obama clip's first 120 frames and faces (made once per session)."""
+    need_data()
+    return frames_and_faces(tmp_path_factory.mktemp("obama"), OBAMA)
 
 
 @pytest.fixture(scope="session")
 def andrew_faces(tmp_path_factory):
+    """Person B: the Andrew Ng clip's first 120 frames and faces."""
     need_data()
-    import crop_face
-    import crop_from_video
-
-    root = tmp_path_factory.mktemp("andrew")
-    crop_from_video.main(["--video-path", str(ANDREW), "--save-dir", str(root / "frames"), "--max-frames", "120"])
-    crop_face.main(["--images-dir", str(root / "frames"), "--faces-dir", str(root / "faces"), "--workers", "2"])
-    return root
+    return frames_and_faces(tmp_path_factory.mktemp("andrew"), ANDREW)
 
 
 def make_clip(path, frames, fps=30, audio_seconds=None):

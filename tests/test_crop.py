@@ -11,13 +11,14 @@ import crop_from_video
 import utils
 
 
-def run_main(main, argv, capsys):
-    """Run a script's main; return (exit code, stderr)."""
+def run_main(main, argv, capsys, with_stdout=False):
+    """Run a script's main; return (exit code, stderr) or (exit code, stderr, stdout)."""
     try:
         code = main(argv)
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return (code, captured.err, captured.out) if with_stdout else (code, captured.err)
 
 
 def test_frames_are_padded_sorted_and_described(tmp_path):
@@ -134,10 +135,10 @@ def test_crop_face_bad_inputs(tmp_path, capsys):
     (tmp_path / "frames").mkdir()
     (tmp_path / "frames" / "000000.png").write_bytes(b"not a png")
     utils.write_image(tmp_path / "frames" / "000001.png", np.full((200, 200, 3), 128, np.uint8))
-    code, err = run_main(crop_face.main, ["--images-dir", str(tmp_path / "frames"), "--faces-dir",
-                                          str(tmp_path / "f"), "--workers", "1"], capsys)
+    code, err, out = run_main(crop_face.main, ["--images-dir", str(tmp_path / "frames"), "--faces-dir",
+                                               str(tmp_path / "f"), "--workers", "1"], capsys, with_stdout=True)
     assert code == 1 and "no faces found" in err
-    out = capsys.readouterr()
+    assert "skipped unreadable image 000000.png" in out and "1 frames without a face, 1 unreadable" in out
     data = json.loads((tmp_path / "f" / "alignments.json").read_text())
     assert data["frames"] == {"000001.png": []}
 

@@ -7,10 +7,10 @@ import sys
 import torch
 import torch.multiprocessing as tmp_mp
 import torch.nn.functional as F
+from conftest import ROOT
 
 import models
 import train
-from conftest import ROOT
 
 
 def free_port():
