@@ -108,8 +108,12 @@ def paste_face(frame, face, matrix, landmarks, args):
     swapped = cv2.warpAffine(face, shift, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
     inside = cv2.warpAffine(np.ones((size, size), np.float32), shift, (x1 - x0, y1 - y0),
                             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=0)
-    mask = utils.face_hull_mask(landmarks - [x0, y0], roi.shape, args.brow_lift) * (inside > 0.999)
-    mask = utils.erode_and_blur(mask, face_width * args.mask_erode, face_width * args.mask_blur)
+    # Shrink the model's square by the feather width first, so the feathered edge fades out
+    # inside it: where the hull runs past the square (over the brows) there is no hard seam.
+    blur_px = face_width * args.mask_blur
+    inside = utils.erode_and_blur((inside > 0.999).astype(np.float32), blur_px, 0)
+    mask = utils.face_hull_mask(landmarks - [x0, y0], roi.shape, args.brow_lift) * inside
+    mask = utils.erode_and_blur(mask, face_width * args.mask_erode, blur_px)
     swapped = utils.color_transfer(swapped, roi, mask, args.color)
     out = frame.copy()
     if args.seamless and (mask > 0.5).any():

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="output folder for every step")
     p.add_argument("--minutes", type=float, default=MINUTES, help="training budget of this run")
     p.add_argument("--model", default="auto",
-                   help="model preset; auto = original on a GPU, tiny on a CPU (trains ~8x faster)")
+                   help="model preset; auto = original on a GPU, tiny on a CPU (~7x the samples/s)")
     p.add_argument("--batch-size", type=int, default=16, help="faces per side per step")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     p.add_argument("--holdout", type=float, default=HOLDOUT, help="share of each clip held out for evaluation")
