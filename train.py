@@ -341,7 +341,6 @@ def run(args):
     main_rank = rank == 0
     if main_rank:
         utils.print_settings(args, "train.py")
-    if main_rank:
         utils.ensure_writable_dir(args.model_dir)
     faces_a, faces_b, model, ckpt = prepare(args, rank, device)
     model.to(device).to(memory_format=torch.channels_last)
