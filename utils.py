@@ -26,12 +26,15 @@ class UserError(Exception):
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn UserError into 'error: ...' on stderr and exit code 1 (no traceback)."""
+    """Turn UserError into 'error: ...' on stderr and exit code 1, Ctrl-C into exit 130 (no traceback)."""
     try:
         yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def frame_name(index, ext="png"):
