@@ -126,3 +126,16 @@ def test_smoothing_follows_and_resets():
     jump = base + 80.0
     assert np.array_equal(convert_video.smooth_landmarks(base, jump, 0.5), jump)
     assert np.array_equal(convert_video.smooth_landmarks(None, moved, 0.5), moved)
+
+
+def test_ctrl_c_leaves_no_output(clip_with_audio, tiny_model, tmp_path, capsys, monkeypatch):
+    clip, _ = clip_with_audio
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_video, "paste_face", interrupt)
+    code, io = run(["--video-path", str(clip), "--model-dir", str(tiny_model), "--output-path",
+                    str(tmp_path / "o.mp4"), "--workers", "1"], capsys)
+    assert code == 130 and io.err.strip().endswith("interrupted") and "Traceback" not in io.err
+    assert list(tmp_path.iterdir()) == []  # neither the video nor a temp file
