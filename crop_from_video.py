@@ -45,7 +45,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def open_video(path):
+def open_capture(path):
     """(capture, fps, width, height, frame_count) or a UserError saying what is wrong."""
     path = utils.require_file(path, "video")
     cap = cv2.VideoCapture(str(path))
@@ -96,7 +96,7 @@ def run(args):
     utils.print_settings(args, "crop_from_video.py")
     if args.every < 1:
         raise utils.UserError("--every must be 1 or more")
-    cap, fps, width, height, count = open_video(args.video_path)
+    cap, fps, width, height, count = open_capture(args.video_path)
     ok, first = cap.read()
     if not ok or first is None:
         raise utils.UserError(f"{args.video_path} has no readable frames")
