@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -99,7 +100,6 @@ def load_faces(folder, size=utils.FACE_SIZE, quiet=False):
             tqdm.write(f"warning: skipped unreadable {path}")
             continue
         if image.shape[:2] != (size, size):
-            import cv2
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         faces.append(image)
     if not faces:
@@ -131,7 +131,6 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def _worker_init(_):
-    import cv2
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
@@ -200,11 +199,13 @@ def to_device(t, device):
 
 
 def save_checkpoint(path, model, optimizer, step, extra):
-    """Atomic: write a temp file in the same folder, then rename over the old one."""
+    """Atomic: write a temp file in the same folder, then rename over the old one. Returns the bytes."""
     buffer = io.BytesIO()
     torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                     config=model.config, **extra), buffer)
-    utils.write_bytes_atomic(path, buffer.getvalue())
+    data = buffer.getvalue()
+    utils.write_bytes_atomic(path, data)
+    return data
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -387,10 +388,10 @@ def run(args):
         else:
             improved = False
         if main_rank:
-            save_checkpoint(args.model_dir / CHECKPOINT, model, optimizer, step,
-                            dict(best_loss=best["loss"], seed=args.seed))
-            if improved:
-                utils.write_bytes_atomic(args.model_dir / BEST_CHECKPOINT, (args.model_dir / CHECKPOINT).read_bytes())
+            data = save_checkpoint(args.model_dir / CHECKPOINT, model, optimizer, step,
+                                   dict(best_loss=best["loss"], seed=args.seed))
+            if improved:  # the same bytes, not a re-read of the file just written
+                utils.write_bytes_atomic(args.model_dir / BEST_CHECKPOINT, data)
         saved["step"] = step
 
     log_path = args.model_dir / "log.csv"
