@@ -526,14 +526,23 @@ class VideoWriter:
     """
 
     def __init__(self, path, fps, width, height, audio_from=None, crf=18, metadata_note=SYNTHETIC_NOTE):
-        import fractions
-
-        import av
-
         self.path = Path(path)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp.mp4")
         os.close(fd)
         self.tmp = Path(tmp)
+        self.container, self.audio_in = None, None
+        try:
+            self._open(fps, width, height, audio_from, crf, metadata_note)
+        except BaseException:
+            self.abort()  # no temp file left behind
+            raise
+        self.count = 0
+
+    def _open(self, fps, width, height, audio_from, crf, metadata_note):
+        import fractions
+
+        import av
+
         self.container = av.open(str(self.tmp), "w", format="mp4")
         rate = fractions.Fraction(fps).limit_denominator(1001) if fps else fractions.Fraction(25)
         self.stream = self.container.add_stream("libx264", rate=rate)
@@ -543,7 +552,6 @@ class VideoWriter:
         self.stream.options = {"crf": str(crf), "preset": "veryfast"}
         self.container.metadata["comment"] = metadata_note
         self.container.metadata["description"] = metadata_note
-        self.audio_in, self.audio_out = None, None
         if audio_from is not None:
             source = av.open(str(audio_from))
             if source.streams.audio:
@@ -551,7 +559,6 @@ class VideoWriter:
                 self.audio_out = self.container.add_stream_from_template(source.streams.audio[0])
             else:
                 source.close()
-        self.count = 0
 
     def write(self, image):
         frame = bgr_to_frame(image)
@@ -575,8 +582,9 @@ class VideoWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self):
-        with contextlib.suppress(Exception):
-            self.container.close()
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                self.container.close()
         if self.audio_in is not None:
             self.audio_in.close()
         with contextlib.suppress(OSError):

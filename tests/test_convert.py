@@ -139,3 +139,11 @@ def test_ctrl_c_leaves_no_output(clip_with_audio, tiny_model, tmp_path, capsys, 
                     str(tmp_path / "o.mp4"), "--workers", "1"], capsys)
     assert code == 130 and io.err.strip().endswith("interrupted") and "Traceback" not in io.err
     assert list(tmp_path.iterdir()) == []  # neither the video nor a temp file
+
+
+def test_video_writer_leaves_no_temp_file_when_it_cannot_start(tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video")
+    with pytest.raises(av.FFmpegError):
+        utils.VideoWriter(tmp_path / "out.mp4", 30, 64, 64, audio_from=junk)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4"]
