@@ -28,9 +28,6 @@ import utils
 
 IMAGES_DIR = Path("train/personA")      # frames from crop_from_video.py
 FACES_DIR = Path("train/personA_face")  # aligned 256x256 faces + alignments.json
-DETECTOR = "hog"                        # hog (fast, frontal) or cnn (slower, more poses)
-DETECT_SIZE = 640                       # detect on a copy whose longer side is at most this (0 = full size)
-UPSAMPLE = 0                            # dlib upsampling for small faces (each step ~4x slower)
 WORKERS = max(1, (os.cpu_count() or 1))  # detection processes
 ALIGNMENTS_NAME = "alignments.json"
 
@@ -40,15 +37,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images-dir", type=Path, default=IMAGES_DIR, help="folder of frames")
     p.add_argument("--faces-dir", type=Path, default=FACES_DIR, help="output folder for aligned faces")
-    p.add_argument("--detector", choices=["hog", "cnn"], default=DETECTOR, help="dlib face detector")
-    p.add_argument("--detect-size", type=int, default=DETECT_SIZE,
-                   help="longest side of the copy detection runs on (0 = full size); raise it for small faces")
-    p.add_argument("--upsample", type=int, default=UPSAMPLE, help="dlib upsampling steps for small faces")
-    p.add_argument("--landmarks-model", type=Path, default=None,
-                   help="dlib 68-point model file (default: the one in face-recognition-models)")
+    utils.add_detector_args(p)
     p.add_argument("--all-faces", action="store_true", help="keep every face in a frame, not only the largest")
-    p.add_argument("--size", type=int, default=utils.FACE_SIZE, help="size of the saved faces in pixels")
-    p.add_argument("--workers", type=int, default=WORKERS, help="detection processes")
+    p.add_argument("--size", type=utils.positive_int, default=utils.FACE_SIZE, help="size of the saved faces in pixels")
+    p.add_argument("--workers", type=utils.positive_int, default=WORKERS, help="detection processes")
     p.add_argument("--overwrite", action="store_true", help="replace faces already in --faces-dir")
     return p.parse_args(argv)
 
@@ -96,7 +88,7 @@ def run(args):
         raise utils.UserError(f"no images in {args.images_dir}")
     faces_dir = utils.ensure_writable_dir(args.faces_dir)
     # Load models once here so a bad --landmarks-model fails before any work starts.
-    init = (args.detector, args.landmarks_model, args.detect_size, args.upsample)
+    init = utils.detector_settings(args)
     utils.init_worker_analyzer(*init)
     done = load_previous(faces_dir, args.images_dir, args.size, args.overwrite)
     todo = [p for p in frames if p.name not in done]

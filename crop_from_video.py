@@ -35,8 +35,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--video-path", type=Path, default=VIDEO_PATH, help="input video")
     p.add_argument("--save-dir", type=Path, default=SAVE_DIR, help="output folder for the frames")
-    p.add_argument("--every", type=int, default=EVERY, help="keep every Nth frame")
-    p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="stop after N frames written (0 = all)")
+    p.add_argument("--every", type=utils.positive_int, default=EVERY, help="keep every Nth frame")
+    p.add_argument("--max-frames", type=utils.non_negative_int, default=MAX_FRAMES,
+                   help="stop after N frames written (0 = all)")
     p.add_argument("--start", type=float, default=0.0, help="start time in seconds")
     p.add_argument("--end", type=float, default=0.0, help="end time in seconds (0 = end of video)")
     p.add_argument("--format", choices=["png", "jpg"], default=IMAGE_FORMAT, help="image format")
@@ -94,8 +95,6 @@ def check_save_dir(save_dir, record, overwrite):
 
 def run(args):
     utils.print_settings(args, "crop_from_video.py")
-    if args.every < 1:
-        raise utils.UserError("--every must be 1 or more")
     cap, fps, width, height, count = open_capture(args.video_path)
     ok, first = cap.read()
     if not ok or first is None:

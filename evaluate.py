@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import train
+import models
 import utils
 
 CONVERTED_PATH = Path("output/swapped.mp4")  # convert_video.py's output
@@ -50,8 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--heldout-b", type=Path, default=HELDOUT_B, help="held-out aligned faces of B")
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="train.py's folder (reconstruction)")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="evaluation.json and contact_sheet.png go here")
-    p.add_argument("--every", type=int, default=1, help="evaluate every Nth frame")
-    p.add_argument("--max-frames", type=int, default=0, help="at most N frames (0 = all)")
+    p.add_argument("--every", type=utils.positive_int, default=1, help="evaluate every Nth frame")
+    p.add_argument("--max-frames", type=utils.non_negative_int, default=0, help="at most N frames (0 = all)")
     p.add_argument("--direction", choices=["a2b", "b2a"], default="a2b", help="which way the video was swapped")
     return p.parse_args(argv)
 
@@ -59,31 +59,10 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- metric functions
 
 
-class FaceEmbedder:
-    """dlib's face-recognition ResNet (128-d; distance < 0.6 means the same person)."""
-
-    def __init__(self):
-        import dlib
-
-        path = utils.require_file(utils.dlib_model_path(utils.RECOGNITION_MODEL), "dlib recognition model")
-        self.net = dlib.face_recognition_model_v1(str(path))
-        self._dlib = dlib
-
-    def embed(self, image, landmarks):
-        pts = [self._dlib.point(int(round(x)), int(round(y))) for x, y in landmarks]
-        l, t = np.min(landmarks, 0)
-        r, b = np.max(landmarks, 0)
-        rect = self._dlib.rectangle(int(l), int(t), int(r), int(b))
-        shape = self._dlib.full_object_detection(rect, pts)
-        rgb = np.ascontiguousarray(image[..., ::-1])
-        return np.array(self.net.compute_face_descriptor(rgb, shape))
-
-
 def landmark_error(source, converted):
     """Mean landmark distance / inter-ocular distance (outer eye corners) of the source."""
     source, converted = np.asarray(source, float), np.asarray(converted, float)
-    inter_ocular = np.linalg.norm(source[36] - source[45])
-    return float(np.linalg.norm(source - converted, axis=1).mean() / inter_ocular)
+    return float(np.linalg.norm(source - converted, axis=1).mean() / utils.inter_ocular(source))
 
 
 def face_box(landmarks, shape, pad=0.1):
@@ -99,6 +78,14 @@ def frame_change(previous, current, box):
     return float(np.abs(current[t:b, l:r].astype(np.float32) - previous[t:b, l:r]).mean())
 
 
+def psnr(x, y):
+    """PSNR in dB of two uint8 or [0, 1] float arrays; inf when identical."""
+    peak = 255.0 if np.asarray(x).dtype == np.uint8 else 1.0
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mse = np.mean((x - y) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+
+
 def reconstruction(model, faces, side, batch=32):
     """L1, PSNR (dB) and SSIM of model(face, side) against the un-augmented face view."""
     size = model.input_size
@@ -109,7 +96,7 @@ def reconstruction(model, faces, side, batch=32):
             outs.append(model(views[i:i + batch], side).float())
     out = torch.cat(outs)
     return dict(l1=round(float((out - views).abs().mean()), 5),
-                psnr=round(utils.psnr(out.numpy(), views.numpy()), 3),
+                psnr=round(psnr(out.numpy(), views.numpy()), 3),
                 ssim=round(float(utils.ssim(out, views)), 4), faces=len(faces))
 
 
@@ -131,8 +118,7 @@ def reference_embedding(embedder, analyzer, folder, count):
 
 
 def read_frames(path, every, max_frames):
-    frames = (utils.read_image(p) for p in utils.list_images(path)) if path.is_dir() else utils.read_video(path)
-    for i, frame in enumerate(frames):
+    for i, frame in enumerate(utils.read_video(path)):
         if max_frames and i >= max_frames:
             break
         yield i, frame, i % every == 0
@@ -158,7 +144,7 @@ def run(args):
             raise utils.UserError(f"{what} not found: {path}")
     out_dir = utils.ensure_writable_dir(args.out_dir)
     analyzer = utils.FaceAnalyzer()
-    embedder = FaceEmbedder()
+    embedder = utils.FaceEmbedder()
     ref_a = reference_embedding(embedder, analyzer, args.faces_a, REFERENCE_FACES)
     ref_b = reference_embedding(embedder, analyzer, args.faces_b, REFERENCE_FACES)
     target, other = (ref_b, ref_a) if args.direction == "a2b" else (ref_a, ref_b)
@@ -210,11 +196,11 @@ def run(args):
                      ratio=round(float(np.mean(changes_dst) / max(1e-9, np.mean(changes_src))), 3)
                      if changes_src else None))
     if args.heldout_a or args.heldout_b:
-        model = train.model_from_checkpoint(train.load_checkpoint(args.model_dir / train.CHECKPOINT)).eval()
+        model, _ = models.load_model(args.model_dir / models.CHECKPOINT)
         result["reconstruction"] = {}
         for folder, side in ((args.heldout_a, "a"), (args.heldout_b, "b")):
             if folder:
-                faces = train.load_faces(folder, quiet=True)
+                faces = utils.load_faces(folder, quiet=True)
                 result["reconstruction"][f"{side.upper()}->{side.upper()}"] = reconstruction(model, faces, side)
     if pairs:
         contact_sheet(pairs, out_dir / "contact_sheet.png")

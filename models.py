@@ -2,10 +2,18 @@
 
 The default configuration, "original", is the tutorial's model exactly
 (64x64 input, 82.06 M parameters). Other presets only change the numbers in
-MODEL_CONFIGS; the scripts rebuild any of them from a checkpoint's config.
+MODEL_CONFIGS; the scripts rebuild any of them from a checkpoint's config
+(load_model), so applying a model needs this file and no training code.
 """
+from pathlib import Path
+
 import torch
 from torch import nn
+
+import utils
+
+CHECKPOINT = "checkpoint.pt"            # train.py's latest checkpoint in its model folder
+BEST_CHECKPOINT = "checkpoint_best.pt"  # the copy with the lowest loss so far
 
 # Presets: input size, encoder conv widths, bottleneck width, decoder widths.
 MODEL_CONFIGS = {
@@ -112,3 +120,35 @@ class FaceSwapModel(nn.Module):
 def build_model(config):
     """Rebuild a model from a config dict (as stored in checkpoints)."""
     return FaceSwapModel(**config)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """The checkpoint dict, or a one-line UserError for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise utils.UserError(f"no checkpoint at {path} (train a model with train.py first)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types (IndexError, EOFError, ...) for a truncated or foreign file
+        message = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise utils.UserError(f"cannot read checkpoint {path}: {message}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise utils.UserError(f"{path} is not a checkpoint of this project (no model/config/step)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """The model a checkpoint dict describes, with its weights."""
+    try:
+        model = build_model(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise utils.UserError(f"checkpoint does not match its model config: {str(e).splitlines()[0][:200]}") \
+            from None
+    return model
+
+
+def load_model(path, map_location="cpu"):
+    """(model in eval mode, the checkpoint's step) from a checkpoint file."""
+    ckpt = load_checkpoint(path, map_location)
+    return model_from_checkpoint(ckpt).eval(), ckpt["step"]

@@ -22,7 +22,6 @@ Several GPUs or machines (see README):
     torchrun --nproc_per_node 4 train.py --batch-size 64
 """
 import argparse
-import contextlib
 import csv
 import io
 import math
@@ -54,9 +53,6 @@ PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
 MIN_FACES_WARNING = 200               # fewer faces per side than this gives a warning
 
-CHECKPOINT = "checkpoint.pt"
-BEST_CHECKPOINT = "checkpoint_best.pt"
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -65,18 +61,20 @@ def parse_args(argv=None):
     p.add_argument("--faces-b", type=Path, default=FACES_B, help="aligned faces of person B")
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="checkpoints, preview and log go here")
     p.add_argument("--model", choices=list(models.MODEL_CONFIGS), default=MODEL, help="model preset")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="faces per side per step (per process)")
-    p.add_argument("--iterations", type=int, default=ITERATIONS, help="total steps to reach (0 = no limit)")
+    p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE,
+                   help="faces per side per step (per process)")
+    p.add_argument("--iterations", type=utils.non_negative_int, default=ITERATIONS,
+                   help="total steps to reach (0 = no limit)")
     p.add_argument("--minutes", type=float, default=MINUTES, help="stop after this many minutes (0 = no limit)")
     p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate")
     p.add_argument("--loss", choices=["l1", "ssim+l1"], default="l1", help="reconstruction loss")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CPUs that support it and on recent GPUs, fp16 on older GPUs")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--save-every", type=int, default=SAVE_EVERY, help="steps between checkpoints")
-    p.add_argument("--preview-every", type=int, default=PREVIEW_EVERY, help="steps between preview PNGs")
-    p.add_argument("--log-every", type=int, default=LOG_EVERY, help="steps between log rows")
-    p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
+    p.add_argument("--save-every", type=utils.positive_int, default=SAVE_EVERY, help="steps between checkpoints")
+    p.add_argument("--preview-every", type=utils.positive_int, default=PREVIEW_EVERY, help="steps between preview PNGs")
+    p.add_argument("--log-every", type=utils.positive_int, default=LOG_EVERY, help="steps between log rows")
+    p.add_argument("--workers", type=utils.non_negative_int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                    help="DataLoader processes preparing batches (0 = in the main process)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the batches")
     return p.parse_args(argv)
@@ -85,32 +83,48 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- data
 
 
-def load_faces(folder, size=utils.FACE_SIZE, quiet=False):
-    """All faces of a folder as one uint8 array (N, size, size, 3); unreadable files are skipped."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise utils.UserError(f"faces folder not found: {folder} (run crop_face.py first)")
-    paths = utils.list_images(folder)
-    if not paths:
-        raise utils.UserError(f"no face images in {folder} (run crop_face.py first)")
-    faces = []
-    for path in tqdm(paths, desc=f"loading {folder.name}", unit="face", disable=quiet, leave=False):
-        image = utils.read_image(path)
-        if image is None:
-            tqdm.write(f"warning: skipped unreadable {path}")
-            continue
-        if image.shape[:2] != (size, size):
-            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        faces.append(image)
-    if not faces:
-        raise utils.UserError(f"no readable face images in {folder}")
-    return np.stack(faces)
+def random_transform(image, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
+    """Random rotation/zoom/shift (border replicated) and horizontal flip, as the tutorial."""
+    h, w = image.shape[:2]
+    angle = rng.uniform(-rotation, rotation)
+    scale = rng.uniform(1 - zoom, 1 + zoom)
+    tx, ty = rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h
+    mat = cv2.getRotationMatrix2D((w // 2, h // 2), angle, scale)
+    mat[:, 2] += (tx, ty)
+    out = cv2.warpAffine(image, mat, (w, h), borderMode=cv2.BORDER_REPLICATE)
+    if rng.random() < flip:
+        out = out[:, ::-1]
+    return out
+
+
+def random_warp(image, rng, size=64, coverage=utils.FACE_COVERAGE, sigma=5.0):
+    """(warped input, target) at size x size from a 256 face, as the tutorial.
+
+    A 5x5 grid over the central `coverage` of the face is jittered by N(0, sigma px);
+    the input is remapped through the jittered grid, the target is the same region
+    taken with the similarity fit of the jittered grid to the regular one.
+    """
+    full = image.shape[0]
+    half = full * coverage / 2
+    grid = np.linspace(full / 2 - half, full / 2 + half, 5)
+    mapx = np.broadcast_to(grid, (5, 5)) + rng.normal(0, sigma * full / 256, (5, 5))
+    mapy = np.broadcast_to(grid, (5, 5)).T + rng.normal(0, sigma * full / 256, (5, 5))
+    pad = size // 8  # resize the 5x5 grid to size*1.25 and keep the inner size x size
+    interp_x = cv2.resize(mapx, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
+    interp_y = cv2.resize(mapy, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
+    warped = cv2.remap(image, interp_x, interp_y, cv2.INTER_LINEAR)
+    src = np.stack([mapx.ravel(), mapy.ravel()], axis=-1)
+    dst = np.mgrid[0:size + 1:size // 4, 0:size + 1:size // 4].T.reshape(-1, 2)
+    mat = utils.umeyama(src, dst)[:2]
+    target = cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_AREA)
+    return warped, target
+
 
 
 def make_batch(faces, rng, batch_size, size):
     """(warped, target) float tensors (B, 3, size, size) of randomly drawn, augmented faces."""
     idx = rng.integers(len(faces), size=batch_size)
-    pairs = [utils.random_warp(utils.random_transform(faces[i], rng), rng, size) for i in idx]
+    pairs = [random_warp(random_transform(faces[i], rng), rng, size) for i in idx]
     warped, target = zip(*pairs)
     return utils.to_tensor(np.stack(warped)), utils.to_tensor(np.stack(target))
 
@@ -141,7 +155,7 @@ def batch_loader(dataset, start_step, workers):
         worker_init_fn=_worker_init, prefetch_factor=2 if workers else None)
 
 
-# ---------------------------------------------------------------- model, loss, precision
+# ---------------------------------------------------------------- model and loss
 
 
 class BothSides(nn.Module):
@@ -161,36 +175,6 @@ def reconstruction_loss(kind):
     return lambda y, t: F.l1_loss(y, t) + (1 - utils.ssim(y, t)) / 2
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise utils.UserError("--device cuda asked for, but no CUDA GPU is available")
-    return device
-
-
-def cpu_supports_bf16():
-    with contextlib.suppress(Exception):
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def pick_precision(precision, device):
-    """torch dtype for autocast, or None for plain fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast(device, dtype):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def to_device(t, device):
     return t.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
@@ -198,38 +182,27 @@ def to_device(t, device):
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path, model, optimizer, step, extra):
-    """Atomic: write a temp file in the same folder, then rename over the old one. Returns the bytes."""
+def save_checkpoint(model_dir, state, is_best):
+    """Write state to model_dir/checkpoint.pt atomically; when is_best, the same bytes to checkpoint_best.pt."""
     buffer = io.BytesIO()
-    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    config=model.config, **extra), buffer)
+    torch.save(state, buffer)
     data = buffer.getvalue()
-    utils.write_bytes_atomic(path, data)
-    return data
+    utils.write_bytes_atomic(Path(model_dir) / models.CHECKPOINT, data)
+    if is_best:  # the bytes in memory, not a re-read of the file just written
+        utils.write_bytes_atomic(Path(model_dir) / models.BEST_CHECKPOINT, data)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """The checkpoint dict, or a one-line UserError for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise utils.UserError(f"no checkpoint at {path} (train a model with train.py first)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise utils.UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
-        raise utils.UserError(f"{path} is not a checkpoint of this project (no model/config/step)")
-    return ckpt
+def checkpoint_state(model, optimizer, step, best_loss, seed):
+    """What a checkpoint holds: weights, optimizer, step and the model's config (convert_video.py needs only that)."""
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=model.config,
+                best_loss=best_loss, seed=seed)
 
 
-def model_from_checkpoint(ckpt):
-    try:
-        model = models.build_model(ckpt["config"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise utils.UserError(f"checkpoint does not match its model config: {str(e).splitlines()[0][:200]}") \
-            from None
-    return model
+def mean_loss_improved(window, best_loss):
+    """(new best loss, whether the mean of the losses since the last save beats it); empties the window."""
+    mean = float(np.mean(window)) if window else math.inf
+    window.clear()
+    return min(best_loss, mean), mean < best_loss
 
 
 # ---------------------------------------------------------------- preview
@@ -266,7 +239,7 @@ def setup_distributed(device_name):
     """(rank, world_size, device); starts the process group when run under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, pick_device(device_name)
+        return 0, 1, utils.pick_device(device_name)
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank()
@@ -294,7 +267,7 @@ def train_step(net, optimizer, batch, loss_fn, device, dtype, scaler):
     (warped_a, target_a), (warped_b, target_b) = batch
     warped_a, target_a = to_device(warped_a, device), to_device(target_a, device)
     warped_b, target_b = to_device(warped_b, device), to_device(target_b, device)
-    with autocast(device, dtype):
+    with utils.autocast(device, dtype):
         out_a, out_b = net(warped_a, warped_b)
     loss_a, loss_b = loss_fn(out_a.float(), target_a), loss_fn(out_b.float(), target_b)
     optimizer.zero_grad(set_to_none=True)
@@ -313,48 +286,45 @@ def make_optimizer(model, lr):
         return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.999))
 
 
-def prepare(args, rank, device):
-    """Load faces and the model (resuming when a checkpoint exists)."""
-    quiet = rank != 0
-    faces_a, faces_b = load_faces(args.faces_a, quiet=quiet), load_faces(args.faces_b, quiet=quiet)
+def prepare(args, device, quiet):
+    """(model, optimizer, step, best loss): a new model, or the checkpoint's state when one exists (resume)."""
+    ckpt_path = args.model_dir / models.CHECKPOINT
+    if not ckpt_path.exists():
+        torch.manual_seed(args.seed)
+        model = models.build_model(models.model_config(args.model)).to(device).to(memory_format=torch.channels_last)
+        return model, make_optimizer(model, args.lr), 0, math.inf
+    ckpt = models.load_checkpoint(ckpt_path)
+    if ckpt["config"].get("name") != args.model:
+        raise utils.UserError(f"{ckpt_path} holds a {ckpt['config'].get('name')!r} model, not {args.model!r}; "
+                              "pass --model to match or use another --model-dir")
+    model = models.model_from_checkpoint(ckpt).to(device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, args.lr)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr  # this run's --lr, not the saved one
+    if not quiet:
+        print(f"resuming at step {ckpt['step']}")
+    return model, optimizer, ckpt["step"], ckpt.get("best_loss", math.inf)
+
+
+def load_both_sides(args, quiet):
+    faces_a, faces_b = utils.load_faces(args.faces_a, quiet=quiet), utils.load_faces(args.faces_b, quiet=quiet)
     for name, faces in (("A", faces_a), ("B", faces_b)):
         if len(faces) < MIN_FACES_WARNING and not quiet:
             print(f"warning: only {len(faces)} faces of person {name}; a few hundred or more per side "
                   "give a much better swap")
-    ckpt_path = args.model_dir / CHECKPOINT
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if ckpt is not None:
-        if ckpt["config"].get("name") != args.model:
-            raise utils.UserError(f"{ckpt_path} holds a {ckpt['config'].get('name')!r} model, not {args.model!r}; "
-                                  "pass --model to match or use another --model-dir")
-        model = model_from_checkpoint(ckpt)
-    else:
-        torch.manual_seed(args.seed)
-        model = models.build_model(models.model_config(args.model))
-    return faces_a, faces_b, model, ckpt
+    return faces_a, faces_b
 
 
 def run(args):
-    for name in ("batch_size", "save_every", "preview_every", "log_every"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} must be 1 or more")
     rank, world, device = setup_distributed(args.device)
     main_rank = rank == 0
     if main_rank:
         utils.print_settings(args, "train.py")
         utils.ensure_writable_dir(args.model_dir)
-    faces_a, faces_b, model, ckpt = prepare(args, rank, device)
-    model.to(device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, args.lr)
-    step = 0
-    best = dict(loss=math.inf)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
-        step, best["loss"] = ckpt["step"], ckpt.get("best_loss", math.inf)
-    del ckpt
-    dtype = pick_precision(args.precision, device)
+    faces_a, faces_b = load_both_sides(args, quiet=not main_rank)
+    model, optimizer, step, best_loss = prepare(args, device, quiet=not main_rank)
+    dtype = utils.pick_precision(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     net = BothSides(model)
     if world > 1:
@@ -363,12 +333,12 @@ def run(args):
     size = model.input_size
     view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
     loader = batch_loader(StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank), step, args.workers)
-
     if main_rank:
         print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
               f"{world} process(es) x {args.batch_size} faces per side; faces A {len(faces_a)}, B {len(faces_b)}")
-        print(f"resuming at step {step}" if step else "starting from scratch")
+        if not step:
+            print("starting from scratch")
         utils.write_json(args.model_dir / "train_settings.json",
                          dict(utils.settings_dict(args), world_size=world, start_step=step))
     if args.iterations and step >= args.iterations:
@@ -376,35 +346,18 @@ def run(args):
             print(f"already at step {step} >= --iterations {args.iterations}; nothing to do")
         return 0
 
-    saved = dict(step=step)
-
-    def save():
-        """Checkpoint now; also back it up as the best one when the recent loss is the lowest yet."""
-        if window:
-            mean = float(np.mean(window))
-            window.clear()
-            improved = mean < best["loss"]
-            best["loss"] = min(best["loss"], mean)
-        else:
-            improved = False
-        if main_rank:
-            data = save_checkpoint(args.model_dir / CHECKPOINT, model, optimizer, step,
-                                   dict(best_loss=best["loss"], seed=args.seed))
-            if improved:  # the same bytes, not a re-read of the file just written
-                utils.write_bytes_atomic(args.model_dir / BEST_CHECKPOINT, data)
-        saved["step"] = step
-
     log_path = args.model_dir / "log.csv"
     new_log = not log_path.exists()
     log_file = open(log_path, "a", newline="") if main_rank else None
     log = csv.writer(log_file) if log_file else None
     if log and new_log:
         log.writerow(["step", "loss_a", "loss_b", "samples_per_s", "elapsed_s"])
-    start_time = time.time()
     window = []  # losses since the last checkpoint, for the best-checkpoint backup
-    bar = tqdm(total=args.iterations or None, initial=step, unit="step", disable=not main_rank, dynamic_ncols=True)
+    saved_step = step
+    start_time = tick = time.time()
+    tick_step = step
     stop_reason = "iterations reached"
-    tick, tick_step = time.time(), step
+    bar = tqdm(total=args.iterations or None, initial=step, unit="step", disable=not main_rank, dynamic_ncols=True)
     try:
         for batch in loader:
             try:
@@ -414,7 +367,7 @@ def run(args):
                                       f"try --batch-size {max(1, args.batch_size // 2)}") from None
             if not (math.isfinite(loss_a) and math.isfinite(loss_b)):
                 raise utils.UserError(
-                    f"loss became NaN/inf at step {step + 1}; the last good checkpoint (step {saved['step']}) "
+                    f"loss became NaN/inf at step {step + 1}; the last good checkpoint (step {saved_step}) "
                     f"is kept in {args.model_dir}. Try --precision fp32 or a lower --lr")
             step += 1
             window.append(loss_a + loss_b)
@@ -433,22 +386,26 @@ def run(args):
             # every rank takes part in this check each step, so all stop at the same step
             out_of_time = any_rank(bool(args.minutes) and time.time() - start_time >= args.minutes * 60, world)
             if step % args.save_every == 0 or done or out_of_time:
-                save()
-            if done:
-                break
-            if out_of_time:
-                stop_reason = f"{args.minutes:g} minutes reached"
+                best_loss, is_best = mean_loss_improved(window, best_loss)
+                if main_rank:
+                    save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed),
+                                    is_best)
+                saved_step = step
+            if done or out_of_time:
+                stop_reason = stop_reason if done else f"{args.minutes:g} minutes reached"
                 break
     except KeyboardInterrupt:
         stop_reason = "interrupted (Ctrl-C)"
-        save()
+        best_loss, is_best = mean_loss_improved(window, best_loss)
+        if main_rank:
+            save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed), is_best)
     finally:
         bar.close()
         if log_file:
             log_file.close()
     if main_rank:
         save_preview(args.model_dir / "preview.png", model, view_a, view_b, device)
-        print(f"stopped at step {step}: {stop_reason}; checkpoint saved to {args.model_dir / CHECKPOINT}, "
+        print(f"stopped at step {step}: {stop_reason}; checkpoint saved to {args.model_dir / models.CHECKPOINT}, "
               f"preview {args.model_dir / 'preview.png'}")
     return 0
 

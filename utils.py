@@ -1,10 +1,14 @@
-"""Shared helpers: errors, files, face detection and alignment, augmentation, blending, metrics.
+"""What two or more steps share: errors and files, devices, face detection and
+alignment, face tensors, video reading.
 
-Everything the four scripts have in common lives here once: crop_face.py and
-convert_video.py align faces with the same functions, train.py and
-convert_video.py agree on what the model sees through `align_matrix`.
+crop_face.py and convert_video.py find and align faces with the same functions,
+train.py and convert_video.py agree on what the model sees through `align_matrix`.
+Code with a single caller lives with that caller (augmentation in train.py,
+blending and the video writer in convert_video.py, metrics in evaluate.py).
 """
+import collections
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -69,9 +73,29 @@ def write_image(path, image, jpeg_quality=95):
     write_bytes_atomic(path, buf.tobytes())
 
 
-def write_bytes_atomic(path, data):
+TEMP_SUFFIX = ".tmp"  # every atomic write's temp file is ".<name>.<random>.tmp" beside its target
+
+
+def temp_path(path, suffix=TEMP_SUFFIX):
+    """A new, empty temp file beside `path` with the permissions a plain open() would give (umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600 files; others could not read the result
+    return fd, Path(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def current_umask():
+    """The process umask (read once: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path, data):
+    """Write to a temp file in the same folder, then rename over `path`: never a half-written file."""
+    path = Path(path)
+    fd, tmp = temp_path(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -112,6 +136,28 @@ def require_file(path, what, hint=""):
     return path
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text, low):
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {low} or more (got {value})")
+    return value
+
+
 def print_settings(args, title):
     """The resolved settings, one line each, so a log shows what a run used."""
     print(f"{title} settings:")
@@ -121,6 +167,50 @@ def print_settings(args, title):
 
 def settings_dict(args):
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+# ---------------------------------------------------------------- devices and precision
+
+
+def pick_device(name):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available")
+    return device
+
+
+def cpu_supports_bf16():
+    import torch
+
+    with contextlib.suppress(Exception):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def pick_precision(precision, device):
+    """torch dtype for autocast, or None for plain fp32."""
+    import torch
+
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device, dtype):
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------- dlib models
@@ -142,10 +232,32 @@ CNN_DETECTOR_MODEL = "mmod_human_face_detector.dat"
 RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 
 
+# Detector settings, the defaults of every script's --detector/--detect-size/--upsample flags.
+DETECTOR = "hog"    # hog (fast, frontal) or cnn (slower, more poses)
+DETECT_SIZE = 640   # detect on a copy whose longer side is at most this (0 = full size)
+UPSAMPLE = 0        # dlib upsampling for small faces (each step ~4x slower)
+
+
+def add_detector_args(parser):
+    """The face-detection flags every step that finds faces takes, with the same defaults."""
+    parser.add_argument("--detector", choices=["hog", "cnn"], default=DETECTOR, help="dlib face detector")
+    parser.add_argument("--detect-size", type=non_negative_int, default=DETECT_SIZE,
+                        help="longest side of the copy detection runs on (0 = full size); raise it for small faces")
+    parser.add_argument("--upsample", type=non_negative_int, default=UPSAMPLE,
+                        help="dlib upsampling steps for small faces")
+    parser.add_argument("--landmarks-model", type=Path, default=None,
+                        help="dlib 68-point model file (default: the one in face-recognition-models)")
+
+
+def detector_settings(args):
+    """FaceAnalyzer's arguments from the flags of add_detector_args."""
+    return (args.detector, args.landmarks_model, args.detect_size, args.upsample)
+
+
 class FaceAnalyzer:
     """dlib detector (HOG or CNN) + 68-point landmarks, detecting on a downscaled copy."""
 
-    def __init__(self, detector="hog", landmarks_model=None, detect_size=640, upsample=0):
+    def __init__(self, detector=DETECTOR, landmarks_model=None, detect_size=DETECT_SIZE, upsample=UPSAMPLE):
         import dlib
 
         if detector == "hog":
@@ -201,6 +313,25 @@ def worker_analyzer():
     return _worker_analyzer
 
 
+class FaceEmbedder:
+    """dlib's face-recognition ResNet: 128-d embeddings; distance < 0.6 means the same person."""
+
+    def __init__(self):
+        import dlib
+
+        path = require_file(dlib_model_path(RECOGNITION_MODEL), "dlib recognition model")
+        self.net = dlib.face_recognition_model_v1(str(path))
+        self._dlib = dlib
+
+    def embed(self, image, landmarks):
+        """Embedding of the face with these 68 landmarks (frame pixels) in a BGR image."""
+        pts = [self._dlib.point(int(round(x)), int(round(y))) for x, y in landmarks]
+        l, t = np.min(landmarks, 0)
+        r, b = np.max(landmarks, 0)
+        shape = self._dlib.full_object_detection(self._dlib.rectangle(int(l), int(t), int(r), int(b)), pts)
+        return np.array(self.net.compute_face_descriptor(np.ascontiguousarray(image[..., ::-1]), shape))
+
+
 def clamp_box(box, width, height):
     l, t, r, b = box
     return [float(max(0, l)), float(max(0, t)), float(min(width - 1, r)), float(min(height - 1, b))]
@@ -227,7 +358,12 @@ MEAN_FACE = np.array([
 
 FACE_SIZE = 256          # aligned faces on disk are 256x256
 FACE_COVERAGE = 160 / 256  # the template box fills the central 160 px (48..208), as the training warp expects
-LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)
+
+# Index ranges of dlib's 68-point scheme ("left" = the subject's right, on the image's left).
+JAW, BROWS, NOSE = slice(0, 17), slice(17, 27), slice(27, 36)
+LEFT_EYE, RIGHT_EYE, EYES, MOUTH = slice(36, 42), slice(42, 48), slice(36, 48), slice(48, 68)
+OUTER_EYE_CORNERS = (36, 45)
+ALIGN_POINTS = slice(17, 68)  # what the similarity fit uses (MEAN_FACE); the jaw is left out
 
 
 def umeyama(src, dst, estimate_scale=True):
@@ -263,7 +399,7 @@ def align_matrix(landmarks, size=FACE_SIZE, coverage=FACE_COVERAGE):
     The mean-face template (points 17..67) fills `coverage` of the crop, centred.
     coverage=1 gives exactly what the model sees: the central 160/256 of a stored face.
     """
-    mat = umeyama(np.asarray(landmarks)[17:], MEAN_FACE)[:2]
+    mat = umeyama(np.asarray(landmarks)[ALIGN_POINTS], MEAN_FACE)[:2]
     inner = size * coverage
     mat = mat * inner
     mat[:, 2] += (size - inner) / 2
@@ -289,51 +425,52 @@ def eye_centres(landmarks):
     return landmarks[LEFT_EYE].mean(0), landmarks[RIGHT_EYE].mean(0)
 
 
-def template_eye_centres(size=FACE_SIZE, coverage=FACE_COVERAGE):
-    """Where the template puts the eye centres in an aligned face (pixels)."""
-    inner = size * coverage
-    pts = MEAN_FACE * inner + (size - inner) / 2
-    return pts[LEFT_EYE.start - 17:LEFT_EYE.stop - 17].mean(0), pts[RIGHT_EYE.start - 17:RIGHT_EYE.stop - 17].mean(0)
+def inter_ocular(landmarks):
+    """Distance between the outer eye corners: the scale landmark errors are measured in."""
+    landmarks = np.asarray(landmarks, np.float64)
+    return float(np.linalg.norm(landmarks[OUTER_EYE_CORNERS[0]] - landmarks[OUTER_EYE_CORNERS[1]]))
 
 
-# ---------------------------------------------------------------- augmentation (training)
+def face_hull_mask(landmarks, shape, brow_lift=0.0):
+    """Float mask (H, W) of the landmarks' convex hull; brow_lift > 0 raises the brows over the forehead.
 
-
-def random_transform(image, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
-    """Random rotation/zoom/shift (border replicated) and horizontal flip, as the tutorial."""
-    h, w = image.shape[:2]
-    angle = rng.uniform(-rotation, rotation)
-    scale = rng.uniform(1 - zoom, 1 + zoom)
-    tx, ty = rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h
-    mat = cv2.getRotationMatrix2D((w // 2, h // 2), angle, scale)
-    mat[:, 2] += (tx, ty)
-    out = cv2.warpAffine(image, mat, (w, h), borderMode=cv2.BORDER_REPLICATE)
-    if rng.random() < flip:
-        out = out[:, ::-1]
-    return out
-
-
-def random_warp(image, rng, size=64, coverage=FACE_COVERAGE, sigma=5.0):
-    """(warped input, target) at size x size from a 256 face, as the tutorial.
-
-    A 5x5 grid over the central `coverage` of the face is jittered by N(0, sigma px);
-    the input is remapped through the jittered grid, the target is the same region
-    taken with the similarity fit of the jittered grid to the regular one.
+    The brows move up by brow_lift x their distance to the eyes, so the mask covers the
+    lower forehead as faceswap's "extended" mask does.
     """
-    full = image.shape[0]
-    half = full * coverage / 2
-    grid = np.linspace(full / 2 - half, full / 2 + half, 5)
-    mapx = np.broadcast_to(grid, (5, 5)) + rng.normal(0, sigma * full / 256, (5, 5))
-    mapy = np.broadcast_to(grid, (5, 5)).T + rng.normal(0, sigma * full / 256, (5, 5))
-    pad = size // 8  # resize the 5x5 grid to size*1.25 and keep the inner size x size
-    interp_x = cv2.resize(mapx, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
-    interp_y = cv2.resize(mapy, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
-    warped = cv2.remap(image, interp_x, interp_y, cv2.INTER_LINEAR)
-    src = np.stack([mapx.ravel(), mapy.ravel()], axis=-1)
-    dst = np.mgrid[0:size + 1:size // 4, 0:size + 1:size // 4].T.reshape(-1, 2)
-    mat = umeyama(src, dst)[:2]
-    target = cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_AREA)
-    return warped, target
+    pts = np.asarray(landmarks, np.float64).copy()
+    if brow_lift:
+        eyes = pts[EYES].mean(0)
+        pts[BROWS] = pts[BROWS] + (pts[BROWS] - eyes) * brow_lift
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(pts).astype(np.int32)), 255)
+    return mask.astype(np.float32) / 255
+
+
+# ---------------------------------------------------------------- faces as arrays and tensors
+
+
+def load_faces(folder, size=FACE_SIZE, quiet=False):
+    """All faces of a folder as one uint8 array (N, size, size, 3); unreadable files are skipped."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"faces folder not found: {folder} (run crop_face.py first)")
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"no face images in {folder} (run crop_face.py first)")
+    faces = []
+    for path in tqdm(paths, desc=f"loading {folder.name}", unit="face", disable=quiet, leave=False):
+        image = read_image(path)
+        if image is None:
+            tqdm.write(f"warning: skipped unreadable {path}")
+            continue
+        if image.shape[:2] != (size, size):
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        faces.append(image)
+    if not faces:
+        raise UserError(f"no readable face images in {folder}")
+    return np.stack(faces)
 
 
 def center_face(image, size=64, coverage=FACE_COVERAGE):
@@ -355,70 +492,6 @@ def to_images(tensor):
     """float RGB (N, 3, H, W) in [0, 1] -> uint8 BGR (N, H, W, 3)."""
     arr = tensor.detach().float().clamp(0, 1).mul(255).round().byte().cpu().numpy()
     return np.ascontiguousarray(arr.transpose(0, 2, 3, 1)[..., ::-1])
-
-
-# ---------------------------------------------------------------- blending (conversion)
-
-
-def face_hull_mask(landmarks, shape, brow_lift=1.0):
-    """Float mask (H, W) of the landmarks' convex hull, with the brows raised over the forehead.
-
-    The brows (17..26) move up by brow_lift x their distance to the eyes, so the mask
-    covers the lower forehead as faceswap's "extended" mask does.
-    """
-    pts = np.asarray(landmarks, np.float64).copy()
-    eyes = pts[36:48].mean(0)
-    brows = pts[17:27]
-    pts[17:27] = brows + (brows - eyes) * brow_lift
-    mask = np.zeros(shape[:2], np.uint8)
-    cv2.fillConvexPoly(mask, cv2.convexHull(np.round(pts).astype(np.int32)), 255)
-    return mask.astype(np.float32) / 255
-
-
-def erode_and_blur(mask, erode_px, blur_px):
-    if erode_px > 0:
-        k = 2 * int(erode_px) + 1
-        mask = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
-    if blur_px > 0:
-        k = 2 * int(blur_px) + 1
-        mask = cv2.GaussianBlur(mask, (k, k), 0)
-    return mask
-
-
-def color_transfer(source, target, mask, method="rct"):
-    """Recolour `source` (BGR uint8) to match `target` inside mask (> 0.5).
-
-    rct: Reinhard mean/std transfer in LAB; avg: mean colour shift; hist: per-channel
-    histogram matching; none: unchanged.
-    """
-    if method == "none":
-        return source
-    sel = mask > 0.5
-    if sel.sum() < 16:
-        return source
-    if method == "rct":
-        s = cv2.cvtColor(source, cv2.COLOR_BGR2LAB).astype(np.float32)
-        t = cv2.cvtColor(target, cv2.COLOR_BGR2LAB).astype(np.float32)
-        s_mean, s_std = s[sel].mean(0), s[sel].std(0) + 1e-6
-        t_mean, t_std = t[sel].mean(0), t[sel].std(0)
-        out = (s - s_mean) * (t_std / s_std) + t_mean
-        return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
-    if method == "avg":
-        diff = target[sel].astype(np.float32).mean(0) - source[sel].astype(np.float32).mean(0)
-        return np.clip(source.astype(np.float32) + diff, 0, 255).astype(np.uint8)
-    if method == "hist":
-        out = source.copy()
-        for c in range(3):
-            s_vals, t_vals = source[..., c][sel], target[..., c][sel]
-            s_cdf = np.cumsum(np.bincount(s_vals, minlength=256)) / s_vals.size
-            t_cdf = np.cumsum(np.bincount(t_vals, minlength=256)) / t_vals.size
-            lut = np.searchsorted(t_cdf, s_cdf).clip(0, 255).astype(np.uint8)
-            out[..., c] = lut[source[..., c]]
-        return out
-    raise ValueError(f"unknown colour method {method!r}")
-
-
-# ---------------------------------------------------------------- metrics
 
 
 def ssim(x, y, window=11, sigma=1.5):
@@ -444,45 +517,128 @@ def ssim(x, y, window=11, sigma=1.5):
     return ssim_map.mean()
 
 
-def psnr(x, y):
-    """PSNR in dB of two uint8 or [0, 1] float arrays; inf when identical."""
-    peak = 255.0 if np.asarray(x).dtype == np.uint8 else 1.0
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    mse = np.mean((x - y) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+# ---------------------------------------------------------------- reading videos and image folders
+
+Frame = collections.namedtuple("Frame", "index name time image")
+Frame.__doc__ = """One input frame: its index, its file name (image folders) or None, its time in seconds
+(videos; None for folders) and the BGR uint8 image, upright."""
+
+_ROTATE = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, -90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180,
+           -180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE, -270: cv2.ROTATE_90_COUNTERCLOCKWISE}
 
 
-# ---------------------------------------------------------------- video files (PyAV)
+class FrameSource:
+    """The frames of a video file (PyAV) or of an image folder (sorted by name), read once, in order.
 
-SYNTHETIC_NOTE = "SYNTHETIC MEDIA: face swapped with a deepfake model (faceswap pipeline); not a real recording."
+    Every step reads frames through this class, so they all see the same pixels. Videos:
+    frames are turned upright by the display rotation phones record (`rotation`, in
+    degrees counter-clockwise) and carry their timestamps, so a variable frame rate can
+    be kept. Decoding that fails part-way (a damaged or cut file) ends the frames early
+    and leaves a message in `error`; `expected` is the frame count the file announces
+    (None if it does not). Unreadable images in a folder are a UserError.
+    """
 
+    def __init__(self, path):
+        self.path = Path(path)
+        self.error, self.count = None, 0
+        if self.path.is_dir():
+            self.names = [p.name for p in list_images(self.path)]
+            if not self.names:
+                raise UserError(f"no images in {self.path}")
+            first = read_image(self.path / self.names[0])
+            if first is None:
+                raise UserError(f"cannot read {self.path / self.names[0]}")
+            self.is_folder, self.fps, self.rotation, self.expected = True, 0.0, 0, len(self.names)
+            self.height, self.width = first.shape[:2]
+            self.has_audio = False
+            return
+        import av
 
-def open_video(path):
-    """(PyAV container, its first video stream) or a UserError saying what is wrong."""
-    import av
+        require_file(self.path, "video")
+        self.is_folder, self.names = False, None
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise UserError(f"{self.path} has no video stream")
+                stream = container.streams.video[0]
+                rate = stream.average_rate or stream.guessed_rate
+                self.fps = float(rate) if rate else 0.0
+                self.has_audio = bool(container.streams.audio)
+                first = next(container.decode(stream), None)
+                if first is None:
+                    raise UserError(f"{self.path} has no readable frames")
+                self.rotation = int(round(first.rotation or 0))
+                self.expected = stream.frames or None
+                if not self.expected and stream.duration and stream.time_base and self.fps:
+                    self.expected = round(float(stream.duration * stream.time_base) * self.fps)
+        except (av.FFmpegError, OSError, ValueError, StopIteration) as e:
+            raise UserError(f"cannot open {self.path} as a video: {e}") from None
+        w, h = first.width, first.height
+        self.width, self.height = (h, w) if self.rotation % 180 else (w, h)
 
-    path = require_file(path, "video")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise UserError(f"cannot open {path} as a video: {e}") from None
-    if not container.streams.video:
-        container.close()
-        raise UserError(f"{path} has no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    return container, stream
+    def __iter__(self):
+        """Frame tuples; for videos, decoding errors end the iteration and are kept in self.error."""
+        self.error, self.count = None, 0
+        if self.is_folder:
+            for i, name in enumerate(self.names):
+                image = read_image(self.path / name)
+                if image is None:
+                    raise UserError(f"cannot read {self.path / name} (not an image, or damaged)")
+                self.count += 1
+                yield Frame(i, name, None, image)
+            return
+        import av
+
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            start = None
+            frames = container.decode(stream)
+            while True:
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    break
+                except (av.FFmpegError, OSError) as e:
+                    self.error = f"decoding stopped after frame {self.count}: {e}"
+                    break
+                seconds = frame.time
+                if seconds is not None:
+                    start = seconds if start is None else start
+                    seconds -= start
+                image = frame_to_bgr(frame)
+                if self.rotation in _ROTATE:
+                    image = cv2.rotate(image, _ROTATE[self.rotation])
+                self.count += 1
+                yield Frame(self.count - 1, None, seconds, image)
+
+    @property
+    def complete(self):
+        """False when decoding failed part-way or fewer frames came out than the file announces."""
+        if self.error:
+            return False
+        return not self.expected or self.is_folder or self.count >= self.expected
+
+    def shortfall_message(self):
+        """A one-line warning about a damaged or cut file, or None."""
+        if self.complete:
+            return None
+        expected = f" of the {self.expected} the file announces" if self.expected else ""
+        reason = f" ({self.error})" if self.error else ""
+        return f"{self.path} ended early: {self.count} frames decoded{expected}{reason}; the file looks damaged or cut"
 
 
 def video_info(path):
-    """dict(fps, width, height, frames, has_audio) of a video file, frames counted by decoding."""
-    container, stream = open_video(path)
-    with container:
-        fps = stream.average_rate or stream.guessed_rate
-        frames = sum(1 for _ in container.decode(stream))
-        return dict(fps=float(fps) if fps else 0.0, width=stream.codec_context.width,
-                    height=stream.codec_context.height, frames=frames,
-                    has_audio=bool(container.streams.audio))
+    """dict(fps, width, height, frames, has_audio, rotation, complete) of a video, frames counted by decoding."""
+    source = FrameSource(path)
+    frames = sum(1 for _ in source)
+    return dict(fps=source.fps, width=source.width, height=source.height, frames=frames,
+                has_audio=source.has_audio, rotation=source.rotation, complete=source.complete)
+
+
+def read_video(path):
+    """The BGR frames of a video file (or image folder), upright, in order."""
+    return (frame.image for frame in FrameSource(path))
 
 
 def frame_to_bgr(frame):
@@ -497,95 +653,3 @@ def frame_to_bgr(frame):
     elif name.startswith("yuv"):
         frame = frame.reformat(format="yuv444p")
     return frame.to_ndarray(format="bgr24")
-
-
-def bgr_to_frame(image):
-    """BGR uint8 -> PyAV yuv444p frame (see frame_to_bgr); the encoder subsamples it exactly."""
-    import av
-
-    return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24").reformat(format="yuv444p")
-
-
-def read_video(path):
-    """Yield BGR uint8 frames of a video file, in order."""
-    import av
-
-    container, stream = open_video(path)
-    with container:
-        try:
-            for frame in container.decode(stream):
-                yield frame_to_bgr(frame)
-        except av.FFmpegError as e:
-            raise UserError(f"error decoding {path}: {e}") from None
-
-
-class VideoWriter:
-    """H.264 MP4 through PyAV, optionally copying the audio of `audio_from`, labelled synthetic.
-
-    Writes to a temp file beside `path`; close() renames it into place, abort() removes it.
-    """
-
-    def __init__(self, path, fps, width, height, audio_from=None, crf=18, metadata_note=SYNTHETIC_NOTE):
-        self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp.mp4")
-        os.close(fd)
-        self.tmp = Path(tmp)
-        self.container, self.audio_in = None, None
-        try:
-            self._open(fps, width, height, audio_from, crf, metadata_note)
-        except BaseException:
-            self.abort()  # no temp file left behind
-            raise
-        self.count = 0
-
-    def _open(self, fps, width, height, audio_from, crf, metadata_note):
-        import fractions
-
-        import av
-
-        self.container = av.open(str(self.tmp), "w", format="mp4")
-        rate = fractions.Fraction(fps).limit_denominator(1001) if fps else fractions.Fraction(25)
-        self.stream = self.container.add_stream("libx264", rate=rate)
-        self.stream.width, self.stream.height = width, height
-        # 4:2:0 needs even sizes; keep odd-sized inputs at their size with 4:4:4
-        self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-        self.stream.options = {"crf": str(crf), "preset": "veryfast"}
-        self.container.metadata["comment"] = metadata_note
-        self.container.metadata["description"] = metadata_note
-        if audio_from is not None:
-            source = av.open(str(audio_from))
-            if source.streams.audio:
-                self.audio_in = source
-                self.audio_out = self.container.add_stream_from_template(source.streams.audio[0])
-            else:
-                source.close()
-
-    def write(self, image):
-        frame = bgr_to_frame(image)
-        frame.pts = self.count
-        self.count += 1
-        for packet in self.stream.encode(frame):
-            self.container.mux(packet)
-
-    def close(self):
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        if self.audio_in is not None:
-            in_stream = self.audio_in.streams.audio[0]
-            for packet in self.audio_in.demux(in_stream):
-                if packet.dts is None:
-                    continue
-                packet.stream = self.audio_out
-                self.container.mux(packet)
-            self.audio_in.close()
-        self.container.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self):
-        if self.container is not None:
-            with contextlib.suppress(Exception):
-                self.container.close()
-        if self.audio_in is not None:
-            self.audio_in.close()
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()

@@ -28,7 +28,8 @@ def make_checkpoint(model_dir):
     torch.manual_seed(0)
     model = models.build_model(models.model_config("original"))
     model_dir.mkdir(parents=True, exist_ok=True)
-    train.save_checkpoint(model_dir / train.CHECKPOINT, model, train.make_optimizer(model, 5e-5), 0, {})
+    train.save_checkpoint(model_dir, train.checkpoint_state(model, train.make_optimizer(model, 5e-5), 0, 0.0, 0),
+                          is_best=False)
 
 
 def tutorial_convert(video, ckpt_path, out_path, max_frames):
@@ -50,7 +51,7 @@ def tutorial_convert(video, ckpt_path, out_path, max_frames):
             l, t, r, b = [int(v) for v in utils.clamp_box([d.left(), d.top(), d.right(), d.bottom()],
                                                           frame.shape[1], frame.shape[0])]
             face = cv2.resize(frame[t:b, l:r], (256, 256))
-            warped, _ = utils.random_warp(face, rng, 64)
+            warped, _ = train.random_warp(face, rng, 64)
             with torch.no_grad():
                 out = utils.to_images(model(utils.to_tensor(warped[None]), "b"))[0]
             out = cv2.resize(out, (r - l, b - t))
@@ -71,7 +72,7 @@ def run(frames=150, tutorial_frames=15, clips=None):
         make_checkpoint(tmp / "model")
         for clip in clips:
             t = time.perf_counter()
-            n_tut = tutorial_convert(VIDEOS / clip, tmp / "model" / train.CHECKPOINT, tmp / "tut.avi", tutorial_frames)
+            n_tut = tutorial_convert(VIDEOS / clip, tmp / "model" / models.CHECKPOINT, tmp / "tut.avi", tutorial_frames)
             tut_fps = n_tut / (time.perf_counter() - t)
             t = time.perf_counter()
             convert_video.main(["--video-path", str(VIDEOS / clip), "--model-dir", str(tmp / "model"),

@@ -22,6 +22,7 @@ import crop_face
 import crop_from_video
 import models
 import train
+import utils
 
 
 def prepare_faces(tmp, frames):
@@ -30,7 +31,7 @@ def prepare_faces(tmp, frames):
         crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(tmp / name),
                               "--max-frames", str(frames)])
         crop_face.main(["--images-dir", str(tmp / name), "--faces-dir", str(tmp / f"{name}_face")])
-        dirs.append(train.load_faces(tmp / f"{name}_face", quiet=True))
+        dirs.append(utils.load_faces(tmp / f"{name}_face", quiet=True))
     return dirs
 
 
@@ -63,7 +64,7 @@ def our_steps(faces_a, faces_b, batch_size, steps, precision, seed=0, workers=1)
     device = torch.device("cpu")
     model = models.build_model(models.model_config("original")).to(memory_format=torch.channels_last)
     opt = train.make_optimizer(model, 5e-5)
-    dtype = train.pick_precision(precision, device)
+    dtype = utils.pick_precision(precision, device)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     net = train.BothSides(model)
     loader = iter(train.batch_loader(train.StepBatches(faces_a, faces_b, batch_size, 64, seed), 0, workers))
@@ -88,13 +89,13 @@ def run(steps=3, batch_size=64, curve_steps=0, frames=300):
     base = samples_per_s(tutorial_steps(faces_a, faces_b, batch_size, n), batch_size)
     fp32 = samples_per_s(our_steps(faces_a, faces_b, batch_size, n, "fp32"), batch_size)
     result = dict(benchmark="train", batch_size_per_side=batch_size, timed_steps=steps,
-                  bf16_supported=train.cpu_supports_bf16(), tutorial_samples_per_s=base,
+                  bf16_supported=utils.cpu_supports_bf16(), tutorial_samples_per_s=base,
                   ours_fp32_samples_per_s=fp32, ours_fp32_speedup=round(fp32 / base, 2))
-    if train.cpu_supports_bf16():
+    if utils.cpu_supports_bf16():
         bf16 = samples_per_s(our_steps(faces_a, faces_b, batch_size, n, "bf16"), batch_size)
         result.update(ours_bf16_samples_per_s=bf16, ours_bf16_speedup=round(bf16 / base, 2))
     if curve_steps:
-        default = "bf16" if train.cpu_supports_bf16() else "fp32"
+        default = "bf16" if utils.cpu_supports_bf16() else "fp32"
         tut = [a + b for a, b, _ in tutorial_steps(faces_a, faces_b, batch_size, curve_steps)]
         ours = [a + b for a, b, _ in our_steps(faces_a, faces_b, batch_size, curve_steps, default)]
         tail = max(1, curve_steps // 10)

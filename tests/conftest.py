@@ -11,6 +11,15 @@ OBAMA = VIDEOS / "styletalk_obama_clip1.mp4"
 ANDREW = VIDEOS / "styletalk_andrew_clip1.mp4"
 
 
+def run_main(main, argv, capsys):
+    """Run a script's main(argv) in-process: (exit code, captured stdout/stderr with .out and .err)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
 def need_data():
     if not VIDEOS.is_dir():
         pytest.skip(f"real test data not found at {DATA} (shared/ beside the checkout)")
@@ -48,7 +57,7 @@ def make_clip(path, frames, fps=30, audio_seconds=None):
     import av
     import numpy as np
 
-    import utils
+    import convert_video
 
     with av.open(str(path), "w") as out:
         video = out.add_stream("libx264", rate=fractions.Fraction(fps))
@@ -56,7 +65,7 @@ def make_clip(path, frames, fps=30, audio_seconds=None):
         video.pix_fmt, video.options = "yuv444p", {"crf": "0"}
         audio = out.add_stream("aac", rate=16000) if audio_seconds else None
         for i, f in enumerate(frames):
-            frame = utils.bgr_to_frame(f)
+            frame = convert_video.bgr_to_frame(f)
             frame.pts = i
             out.mux(video.encode(frame))
         out.mux(video.encode())

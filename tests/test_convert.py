@@ -4,10 +4,10 @@ import json
 import av
 import numpy as np
 import pytest
-from conftest import OBAMA, make_clip, need_data
+from conftest import OBAMA, make_clip, need_data, run_main
 
 import convert_video
-import train
+import models
 import utils
 
 GRAY = list(range(20, 25))  # frames with no face in the test clip
@@ -24,11 +24,7 @@ def clip_with_audio(tmp_path_factory):
 
 
 def run(argv, capsys):
-    try:
-        code = convert_video.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
+    return run_main(convert_video.main, argv, capsys)
 
 
 def test_video_keeps_format_audio_and_untouched_pixels(clip_with_audio, tiny_model, tmp_path, capsys):
@@ -97,7 +93,7 @@ def test_errors(clip_with_audio, tiny_model, tmp_path, capsys):
     clip, frames = clip_with_audio
     gray = make_clip(tmp_path / "gray.mp4", [np.full((64, 64, 3), 90, np.uint8)] * 5)
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / train.CHECKPOINT).write_bytes(b"junk")
+    (tmp_path / "bad" / models.CHECKPOINT).write_bytes(b"junk")
     existing = tmp_path / "exists.mp4"
     existing.write_bytes(b"keep me")
     cases = [
@@ -145,5 +141,5 @@ def test_video_writer_leaves_no_temp_file_when_it_cannot_start(tmp_path):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video")
     with pytest.raises(av.FFmpegError):
-        utils.VideoWriter(tmp_path / "out.mp4", 30, 64, 64, audio_from=junk)
+        convert_video.VideoWriter(tmp_path / "out.mp4", 30, 64, 64, audio_from=junk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4"]

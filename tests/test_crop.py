@@ -4,21 +4,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ANDREW, OBAMA, VIDEOS, need_data
+from conftest import ANDREW, OBAMA, VIDEOS, need_data, run_main
 
 import crop_face
 import crop_from_video
 import utils
-
-
-def run_main(main, argv, capsys, with_stdout=False):
-    """Run a script's main; return (exit code, stderr) or (exit code, stderr, stdout)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return (code, captured.err, captured.out) if with_stdout else (code, captured.err)
 
 
 def test_frames_are_padded_sorted_and_described(tmp_path):
@@ -45,8 +35,9 @@ def test_never_mixes_two_videos(tmp_path, capsys):
     need_data()
     out = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(out), "--max-frames", "3"])
-    code, err = run_main(crop_from_video.main, ["--video-path", str(ANDREW), "--save-dir", str(out),
+    code, io = run_main(crop_from_video.main, ["--video-path", str(ANDREW), "--save-dir", str(out),
                                                 "--max-frames", "3"], capsys)
+    err = io.err
     assert code == 1 and "already holds 3 images" in err and "Traceback" not in err
     # the same video and settings again is a no-op, --overwrite replaces
     assert crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(out), "--max-frames", "3"]) == 0
@@ -62,8 +53,9 @@ def test_bad_videos_give_one_line_errors(tmp_path, capsys, content, message):
     video = tmp_path / "clip.mp4"
     if content is not None:
         video.write_bytes(content)
-    code, err = run_main(crop_from_video.main, ["--video-path", str(video),
+    code, io = run_main(crop_from_video.main, ["--video-path", str(video),
                                                 "--save-dir", str(tmp_path / "out")], capsys)
+    err = io.err
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1
 
 
@@ -71,14 +63,23 @@ def test_unwritable_save_dir(tmp_path, capsys):
     need_data()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code, err = run_main(crop_from_video.main, ["--video-path", str(OBAMA), "--save-dir", str(blocker / "x")],
+    code, io = run_main(crop_from_video.main, ["--video-path", str(OBAMA), "--save-dir", str(blocker / "x")],
                          capsys)
+    err = io.err
     assert code == 1 and "cannot write" in err
+
+
+def template_eye_centres(size=utils.FACE_SIZE, coverage=utils.FACE_COVERAGE):
+    """Where the template puts the eye centres in an aligned face (pixels)."""
+    inner = size * coverage
+    points = np.zeros((68, 2))
+    points[utils.ALIGN_POINTS] = utils.MEAN_FACE * inner + (size - inner) / 2
+    return utils.eye_centres(points)
 
 
 def test_faces_found_and_eyes_aligned(obama_faces, andrew_faces):
     """>= 98% of frames have a face; eye centres stay put across frames and near the template."""
-    tl, tr = utils.template_eye_centres()
+    tl, tr = template_eye_centres()
     for root in (obama_faces, andrew_faces):
         data = json.loads((root / "faces" / crop_face.ALIGNMENTS_NAME).read_text())
         frames = data["frames"]
@@ -118,25 +119,29 @@ def test_crop_face_resumes_and_refuses_to_mix(obama_faces, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     utils.write_image(other / "000000.png", utils.read_image(frames / "000000.png"))
-    code, err = run_main(crop_face.main, ["--images-dir", str(other), "--faces-dir", str(obama_faces / "faces")],
+    code, io = run_main(crop_face.main, ["--images-dir", str(other), "--faces-dir", str(obama_faces / "faces")],
                          capsys)
+    err = io.err
     assert code == 1 and "already holds" in err
 
 
 def test_crop_face_bad_inputs(tmp_path, capsys):
-    code, err = run_main(crop_face.main, ["--images-dir", str(tmp_path / "nope"), "--faces-dir",
+    code, io = run_main(crop_face.main, ["--images-dir", str(tmp_path / "nope"), "--faces-dir",
                                           str(tmp_path / "f")], capsys)
+    err = io.err
     assert code == 1 and "frames folder not found" in err
     (tmp_path / "empty").mkdir()
-    code, err = run_main(crop_face.main, ["--images-dir", str(tmp_path / "empty"), "--faces-dir",
+    code, io = run_main(crop_face.main, ["--images-dir", str(tmp_path / "empty"), "--faces-dir",
                                           str(tmp_path / "f")], capsys)
+    err = io.err
     assert code == 1 and "no images" in err
     # an unreadable image is skipped with a warning; a blank frame has no face -> clear error
     (tmp_path / "frames").mkdir()
     (tmp_path / "frames" / "000000.png").write_bytes(b"not a png")
     utils.write_image(tmp_path / "frames" / "000001.png", np.full((200, 200, 3), 128, np.uint8))
-    code, err, out = run_main(crop_face.main, ["--images-dir", str(tmp_path / "frames"), "--faces-dir",
-                                               str(tmp_path / "f"), "--workers", "1"], capsys, with_stdout=True)
+    code, io = run_main(crop_face.main, ["--images-dir", str(tmp_path / "frames"), "--faces-dir",
+                                               str(tmp_path / "f"), "--workers", "1"], capsys)
+    err, out = io.err, io.out
     assert code == 1 and "no faces found" in err
     assert "skipped unreadable image 000000.png" in out and "1 frames without a face, 1 unreadable" in out
     data = json.loads((tmp_path / "f" / "alignments.json").read_text())
@@ -159,6 +164,7 @@ def test_several_faces_largest_or_all(tmp_path):
 
 
 def test_bad_landmarks_model(tmp_path, capsys, obama_faces):
-    code, err = run_main(crop_face.main, ["--images-dir", str(obama_faces / "frames"), "--faces-dir",
+    code, io = run_main(crop_face.main, ["--images-dir", str(obama_faces / "frames"), "--faces-dir",
                                           str(tmp_path / "f"), "--landmarks-model", str(tmp_path / "x.dat")], capsys)
+    err = io.err
     assert code == 1 and "landmarks model not found" in err

@@ -8,6 +8,7 @@ import demo
 import utils
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     need_data()
     out = tmp_path / "demo"

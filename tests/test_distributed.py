@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as tmp_mp
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ def test_ddp_two_by_32_equals_one_by_64(tmp_path):
         assert torch.allclose(single[k], ddp[k], rtol=1e-4, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_torchrun_run_saves_on_rank0_and_resumes_in_one_process(obama_faces, andrew_faces, tmp_path):
     model_dir = tmp_path / "model"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -67,12 +69,12 @@ def test_torchrun_run_saves_on_rank0_and_resumes_in_one_process(obama_faces, and
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es) x 4 faces per side" in proc.stdout
-    ckpt = train.load_checkpoint(model_dir / train.CHECKPOINT)
+    ckpt = models.load_checkpoint(model_dir / models.CHECKPOINT)
     assert ckpt["step"] == 3 and not any(k.startswith("module.") for k in ckpt["model"])
     assert train.main(["--faces-a", str(obama_faces / "faces"), "--faces-b", str(andrew_faces / "faces"),
                        "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "4", "--iterations", "5",
                        "--workers", "0", "--precision", "fp32"]) == 0
-    assert train.load_checkpoint(model_dir / train.CHECKPOINT)["step"] == 5
+    assert models.load_checkpoint(model_dir / models.CHECKPOINT)["step"] == 5
 
 
 def test_ranks_draw_different_samples():

@@ -17,8 +17,8 @@ def test_identical_images_zero_landmark_error_and_infinite_psnr():
     assert evaluate.landmark_error(pts, pts) == 0.0
     assert evaluate.landmark_error(pts, pts + [3, 4]) == pytest.approx(5 / np.linalg.norm(pts[36] - pts[45]))
     img = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    assert utils.psnr(img, img) == float("inf")
-    assert utils.psnr(img, np.clip(img.astype(int) + 1, 0, 255).astype(np.uint8)) > 45
+    assert evaluate.psnr(img, img) == float("inf")
+    assert evaluate.psnr(img, np.clip(img.astype(int) + 1, 0, 255).astype(np.uint8)) > 45
     x = torch.rand(2, 3, 32, 32)
     assert float(utils.ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
     assert float(utils.ssim(x, torch.rand(2, 3, 32, 32))) < 0.2
@@ -26,7 +26,7 @@ def test_identical_images_zero_landmark_error_and_infinite_psnr():
 
 def test_identity_distances_on_real_photos():
     need_data()
-    analyzer, embedder = utils.FaceAnalyzer(), evaluate.FaceEmbedder()
+    analyzer, embedder = utils.FaceAnalyzer(), utils.FaceEmbedder()
 
     def embed(name):
         image = utils.read_image(IMAGES / name)
