@@ -29,7 +29,6 @@ import utils
 IMAGES_DIR = Path("train/personA")      # frames from crop_from_video.py
 FACES_DIR = Path("train/personA_face")  # aligned 256x256 faces + alignments.json
 WORKERS = max(1, (os.cpu_count() or 1))  # detection processes
-ALIGNMENTS_NAME = "alignments.json"
 
 
 def parse_args(argv=None):
@@ -63,7 +62,7 @@ def process_frame(task):
 
 def load_previous(faces_dir, images_dir, size, overwrite):
     """Face records of an earlier run on the same frames (to resume), or {} for a fresh start."""
-    path = faces_dir / ALIGNMENTS_NAME
+    path = faces_dir / utils.ALIGNMENTS_NAME
     existing = utils.list_images(faces_dir)
     if overwrite:
         for p in existing:
@@ -99,7 +98,7 @@ def run(args):
     unreadable = []
 
     def save():
-        utils.write_json(faces_dir / ALIGNMENTS_NAME, dict(
+        utils.write_json(faces_dir / utils.ALIGNMENTS_NAME, dict(
             images_dir=str(args.images_dir.resolve()), size=args.size, coverage=utils.FACE_COVERAGE,
             detector=args.detector, settings=utils.settings_dict(args), frames=dict(sorted(results.items()))))
 

@@ -27,7 +27,8 @@ import evaluate
 import train
 import utils
 
-SHARED_VIDEOS = Path(__file__).resolve().parent.parent / "shared" / "data" / "videos"
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED_VIDEOS = SHARED_DATA / "videos"
 VIDEO_A = SHARED_VIDEOS / "styletalk_obama_clip1.mp4"   # person A: the video that gets the new face
 VIDEO_B = SHARED_VIDEOS / "styletalk_andrew_clip1.mp4"  # person B: the face to put in
 OUT_DIR = Path("demo_out")                               # everything goes here
@@ -50,6 +51,46 @@ def parse_args(argv=None):
     p.add_argument("--max-frames", type=int, default=0, help="frames per clip for training (0 = all)")
     p.add_argument("--eval-every", type=int, default=3, help="evaluate every Nth converted frame")
     return p.parse_args(argv)
+
+
+# Every person in ../shared/data, for evaluate.py's identity gallery: person -> files (globs) of that person.
+SHARED_GALLERY = {
+    "obama": ["videos/styletalk_obama_clip*.mp4", "images/facerec/obama.jpg", "images/facerec/obama2.jpg"],
+    "andrew_ng": ["videos/styletalk_andrew_clip1.mp4"],
+    "reagan": ["videos/styletalk_reagan_clip1.mp4"],
+    "mead_m030": ["videos/dreamtalk_mead_M030_*.mp4"],
+    "mead_w009": ["videos/dreamtalk_mead_W009_*.mp4"],
+    "mead_w011": ["videos/dreamtalk_mead_W011_*.mp4"],
+    "ocasio_cortez": ["videos/sadtalker_WDA_AlexandriaOcasioCortez_000.mp4"],
+    "katie_hill": ["videos/sadtalker_WDA_KatieHill_000.mp4"],
+    "grimacing_woman_d6": ["videos/liveportrait_driving_d6.mp4"],
+    **{f"talking_{k}": [f"videos/liveportrait_driving_{k}.mp4"] for k in ("d0", "d9", "d10", "d11", "d12", "d13",
+                                                                         "d14", "d20")},
+    **{f"retalking_{k}": [f"videos/retalking_face_{k}.mp4"] for k in ("1", "2", "5")},
+    "elon_musk": ["videos/dlib_elon-musk-smoke.gif"],
+    "biden": ["images/facerec/biden.jpg", "images/facerec/biden2.jpg"],
+    "kit_harington": ["images/facerec/kit_harington_*"],
+    "rose_leslie": ["images/facerec/rose_leslie_*"],
+    "lin_manuel_miranda": ["images/facerec/lin-manuel-miranda.png"],
+    "alex_lacamoire": ["images/facerec/alex_lacamoire_*"],
+    **{name.lower(): [f"images/dlib_johns/{name}/*.jpg"] for name in
+       ("John_Salley", "John_Savage", "John_Schneider", "John_Shimkus", "John_Simm")},
+}
+
+
+def make_gallery(folder, data=SHARED_DATA, people=SHARED_GALLERY):
+    """A gallery folder for evaluate.py: <person>/ subfolders of symbolic links to the shared files."""
+    folder = Path(folder)
+    for person, patterns in people.items():
+        files = sorted(f for pattern in patterns for f in Path(data).glob(pattern))
+        if not files:
+            continue
+        (folder / person).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            link = folder / person / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return folder
 
 
 def split_seconds(video, holdout):

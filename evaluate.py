@@ -1,21 +1,33 @@
-"""Measure how good a swap is: identity, expression kept, reconstruction, flicker.
+"""Measure how good a swap is: identity among many people, pose, sharpness, expression, flicker, reconstruction.
 
-Reads the converted video (CONVERTED_PATH) and the video it was made from
-(SOURCE_PATH), the aligned face folders of both people (FACES_A, FACES_B) for
-reference identities, and optionally held-out aligned faces the model never
-trained on (HELDOUT_A, HELDOUT_B) with the model (MODEL_DIR). Writes
-OUT_DIR/evaluation.json and OUT_DIR/contact_sheet.png and prints a table:
+Reads the converted video (CONVERTED_PATH, or a folder of images) and the video it was
+made from (SOURCE_PATH), the aligned face folders of both people (FACES_A, FACES_B) for
+their reference identities, optionally a GALLERY of other people, and optionally
+held-out aligned faces the model never trained on (HELDOUT_A, HELDOUT_B) with the model
+(MODEL_DIR). Writes OUT_DIR/evaluation.json and OUT_DIR/contact_sheet.png (source over
+converted: whole frames and the face at full size) and prints a table:
 
-  identity     dlib face-recognition ResNet embeddings of the face in each converted frame,
-               compared with the mean embedding of A's and of B's faces: the share of frames
-               closer to B than to A (ID retrieval) and the mean distances (same person < 0.6)
+  identity     dlib's face-recognition ResNet embedding of the face in each converted frame
+               against every identity at hand: A and B (mean embedding of their faces) and each
+               person of --gallery. top-1 retrieval = share of frames whose nearest identity is
+               the target (B for a2b); the target's rank (1 = nearest) and mean distance (same
+               person < 0.6). The 2-person figure (closer to B than to A) is kept as a second line.
+  pose         head yaw/pitch/roll of source and converted face (cv2.solvePnP of the 68 landmarks
+               against a 3D mean face): mean absolute error in degrees
+  sharpness    variance of the Laplacian inside the face (landmark hull, outline left out),
+               converted / source: 1.0 = as much fine detail as the real face, blur lowers it
   expression   68-landmark error between source and converted frame / inter-ocular distance
-  reconstruct  A->A and B->B on held-out faces: L1, PSNR (dB), SSIM
   flicker      mean frame-to-frame change inside the face box, converted / source
+  reconstruct  A->A and B->B on held-out faces: L1, PSNR (dB), SSIM, and SSIM inside the face
+
+A gallery is a folder of <person>/ subfolders holding photos, aligned faces or clips of
+that person (symbolic links are fine); its embeddings are cached in <gallery>/.embeddings.json
+and recomputed for a person only when that person's files change. --name-a/--name-b say
+which gallery people are A and B (their own faces stand for them then).
 
 Example:
-    python evaluate.py --converted-path output/swapped.mp4 --source-path data/personA.mp4 \
-        --faces-a train/personA_face --faces-b train/personB_face --model-dir models
+    python evaluate.py --converted-path output/swapped.mp4 --source-path data/personA.mp4 \\
+        --faces-a train/personA_face --faces-b train/personB_face --gallery gallery --model-dir models
 """
 import argparse
 from pathlib import Path
@@ -32,27 +44,35 @@ CONVERTED_PATH = Path("output/swapped.mp4")  # convert_video.py's output
 SOURCE_PATH = Path("data/personA.mp4")       # the video it was made from
 FACES_A = Path("train/personA_face")         # reference faces of A (identity)
 FACES_B = Path("train/personB_face")         # reference faces of B
+GALLERY = None                               # folder of <person>/ photos or clips: other identities
 HELDOUT_A = None                             # aligned faces of A never trained on (reconstruction)
 HELDOUT_B = None
 MODEL_DIR = Path("models")
 OUT_DIR = Path("output")
 REFERENCE_FACES = 40                         # faces per person for the reference embedding
+GALLERY_SAMPLES = 20                         # frames taken from each gallery clip
+VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif", ".m4v"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--converted-path", type=Path, default=CONVERTED_PATH, help="converted video (or folder)")
-    p.add_argument("--source-path", type=Path, default=SOURCE_PATH, help="the video it was converted from")
-    p.add_argument("--faces-a", type=Path, default=FACES_A, help="aligned faces of A (reference identity)")
-    p.add_argument("--faces-b", type=Path, default=FACES_B, help="aligned faces of B (reference identity)")
+    p.add_argument("--source-path", type=Path, default=SOURCE_PATH, help="the video (or folder) it was made from")
+    p.add_argument("--faces-a", type=Path, nargs="+", default=[FACES_A], help="aligned faces of A (reference)")
+    p.add_argument("--faces-b", type=Path, nargs="+", default=[FACES_B], help="aligned faces of B (reference)")
+    p.add_argument("--gallery", type=Path, default=GALLERY, help="folder of <person>/ photos or clips")
+    p.add_argument("--name-a", default=None, help="A's folder name in --gallery, if A is in it")
+    p.add_argument("--name-b", default=None, help="B's folder name in --gallery, if B is in it")
     p.add_argument("--heldout-a", type=Path, default=HELDOUT_A, help="held-out aligned faces of A")
     p.add_argument("--heldout-b", type=Path, default=HELDOUT_B, help="held-out aligned faces of B")
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="train.py's folder (reconstruction)")
+    p.add_argument("--checkpoint", default=models.CHECKPOINT, help="checkpoint file in --model-dir")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="evaluation.json and contact_sheet.png go here")
     p.add_argument("--every", type=utils.positive_int, default=1, help="evaluate every Nth frame")
     p.add_argument("--max-frames", type=utils.non_negative_int, default=0, help="at most N frames (0 = all)")
     p.add_argument("--direction", choices=["a2b", "b2a"], default="a2b", help="which way the video was swapped")
+    utils.add_detector_args(p)
     return p.parse_args(argv)
 
 
@@ -63,6 +83,11 @@ def landmark_error(source, converted):
     """Mean landmark distance / inter-ocular distance (outer eye corners) of the source."""
     source, converted = np.asarray(source, float), np.asarray(converted, float)
     return float(np.linalg.norm(source - converted, axis=1).mean() / utils.inter_ocular(source))
+
+
+def pose_error(source_pose, converted_pose):
+    """Absolute (yaw, pitch, roll) differences in degrees."""
+    return np.abs(np.asarray(source_pose) - np.asarray(converted_pose))
 
 
 def face_box(landmarks, shape, pad=0.1):
@@ -86,55 +111,148 @@ def psnr(x, y):
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
-def reconstruction(model, faces, side, batch=32):
-    """L1, PSNR (dB) and SSIM of model(face, side) against the un-augmented face view."""
+def model_view_masks(landmarks, size, coverage=utils.FACE_COVERAGE):
+    """Face-hull masks (N, 1, size, size) in the model's view of aligned faces; the mean face where unknown."""
+    full = utils.FACE_SIZE
+    lo = full * (1 - coverage) / 2
+    template = np.full((68, 2), np.nan)
+    template[utils.ALIGN_POINTS] = utils.MEAN_FACE * size
+    masks = []
+    for points in landmarks:
+        points = (points - lo) * size / (full * coverage) if np.isfinite(points).all() else template[utils.ALIGN_POINTS]
+        masks.append(utils.face_hull_mask(points, (size, size)))
+    return torch.from_numpy(np.stack(masks)[:, None])
+
+
+def reconstruction(model, faces, side, landmarks=None, batch=32):
+    """L1, PSNR (dB), SSIM and SSIM inside the face of model(face, side) against the un-augmented face view."""
     size = model.input_size
     views = utils.to_tensor(np.stack([utils.center_face(f, size) for f in faces]))
     outs = []
     with torch.no_grad():
         for i in range(0, len(views), batch):
-            outs.append(model(views[i:i + batch], side).float())
+            outs.append(model(views[i:i + batch], side)[:, :3].float())
     out = torch.cat(outs)
+    landmarks = np.full((len(faces), 68, 2), np.nan) if landmarks is None else landmarks
+    mask = model_view_masks(landmarks, size)
     return dict(l1=round(float((out - views).abs().mean()), 5),
                 psnr=round(psnr(out.numpy(), views.numpy()), 3),
-                ssim=round(float(utils.ssim(out, views)), 4), faces=len(faces))
+                ssim=round(float(utils.ssim(out, views)), 4),
+                ssim_face=round(float(utils.ssim(out, views, mask=mask)), 4), faces=len(faces))
 
 
-def reference_embedding(embedder, analyzer, folder, count):
-    """Mean embedding of up to `count` faces spread over an aligned-face folder."""
-    paths = utils.list_images(folder) if Path(folder).is_dir() else []
+def largest_face_embedding(image, analyzer, embedder):
+    found = analyzer.analyze(image) if image is not None else []
+    return embedder.embed(image, found[0][1]) if found else None
+
+
+def reference_embedding(embedder, analyzer, folders, count):
+    """Mean embedding of up to `count` faces spread over one or more aligned-face folders."""
+    paths = [p for f in folders if Path(f).is_dir() for p in utils.list_images(f)]
     if not paths:
-        raise utils.UserError(f"no face images in {folder} (needed for the reference identity)")
+        raise utils.UserError(f"no face images in {', '.join(map(str, folders))} (needed for the reference identity)")
     picks = [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
-    embeddings = []
-    for p in picks:
-        image = utils.read_image(p)
-        found = analyzer.analyze(image) if image is not None else []
-        if found:
-            embeddings.append(embedder.embed(image, found[0][1]))
+    embeddings = [e for e in (largest_face_embedding(utils.read_image(p), analyzer, embedder) for p in picks)
+                  if e is not None]
     if not embeddings:
-        raise utils.UserError(f"no face found again in the images of {folder}")
+        raise utils.UserError(f"no face found again in the images of {', '.join(map(str, folders))}")
     return np.mean(embeddings, 0)
 
 
-def read_frames(path, every, max_frames):
-    for i, frame in enumerate(utils.read_video(path)):
+def media_files(folder):
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTS | VIDEO_EXTS)
+
+
+def person_embedding(files, analyzer, embedder, samples=GALLERY_SAMPLES):
+    """Mean embedding of the largest face in each photo and in `samples` frames spread over each clip."""
+    found = []
+    for path in files:
+        if path.suffix.lower() in utils.IMAGE_EXTS:
+            images = [utils.read_image(path)]
+        else:
+            frames = list(utils.read_video(path))
+            images = [frames[i] for i in np.linspace(0, len(frames) - 1, min(samples, len(frames))).astype(int)]
+        found += [e for e in (largest_face_embedding(im, analyzer, embedder) for im in images) if e is not None]
+    return (np.mean(found, 0), len(found)) if found else (None, 0)
+
+
+def load_gallery(folder, analyzer, embedder):
+    """{person: mean embedding} of a gallery folder, cached in folder/.embeddings.json by file size and time."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise utils.UserError(f"gallery folder not found: {folder}")
+    cache_path = folder / ".embeddings.json"
+    cache = utils.read_json(cache_path) if cache_path.is_file() else {}
+    gallery, changed = {}, False
+    for person in tqdm(sorted(p for p in folder.iterdir() if p.is_dir()), desc="gallery", unit="person",
+                       leave=False):
+        files = media_files(person)
+        key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        entry = cache.get(person.name)
+        if entry is None or entry.get("files") != key:
+            embedding, count = person_embedding(files, analyzer, embedder)
+            entry = dict(files=key, faces=count, embedding=None if embedding is None else embedding.tolist())
+            cache[person.name], changed = entry, True
+        if entry["embedding"] is None:
+            tqdm.write(f"warning: no face found for gallery person {person.name}; left out")
+            continue
+        gallery[person.name] = np.array(entry["embedding"])
+    if changed:
+        try:
+            utils.write_json(cache_path, cache)
+        except OSError:
+            pass  # a read-only gallery works, it is just not cached
+    if not gallery:
+        raise utils.UserError(f"no people in the gallery {folder} (expected <person>/ subfolders of photos or clips)")
+    return gallery
+
+
+def sample_frames(path, every, max_frames):
+    """(index, image, evaluate this one?) for the frames of a video or image folder."""
+    for i, frame in enumerate(utils.FrameSource(path)):
         if max_frames and i >= max_frames:
             break
-        yield i, frame, i % every == 0
+        yield i, frame.image, i % every == 0
 
 
-def contact_sheet(pairs, path, height=160):
-    """Source (top) over swapped (bottom) for a few frames, as one PNG."""
+def face_crop(image, landmarks, size=160, pad=0.25):
+    """The face region of a frame, square, resized to size x size (for the contact sheet)."""
+    centre = (np.min(landmarks, 0) + np.max(landmarks, 0)) / 2
+    half = (np.max(landmarks, 0) - np.min(landmarks, 0)).max() * (0.5 + pad)
+    mat = np.array([[size / (2 * half), 0, size / 2 - centre[0] * size / (2 * half)],
+                    [0, size / (2 * half), size / 2 - centre[1] * size / (2 * half)]])
+    return cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_AREA if 2 * half > size else cv2.INTER_CUBIC,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def contact_sheet(samples, path, height=160):
+    """For a few frames: source frame and face (top) over converted frame and face (bottom), as one PNG."""
     cols = []
-    for src, dst in pairs:
-        scale = height / src.shape[0]
-        size = (int(src.shape[1] * scale), height)
-        cols.append(np.vstack([cv2.resize(src, size), cv2.resize(dst, size)]))
-    utils.write_image(path, np.hstack(cols))
+    for src, dst, landmarks in samples:
+        size = (int(src.shape[1] * height / src.shape[0]), height)
+        top = np.hstack([cv2.resize(src, size, interpolation=cv2.INTER_AREA), face_crop(src, landmarks, height)])
+        bottom = np.hstack([cv2.resize(dst, size, interpolation=cv2.INTER_AREA), face_crop(dst, landmarks, height)])
+        cols.append(np.vstack([top, bottom]))
+        cols.append(np.zeros((2 * height, 4, 3), np.uint8))
+    utils.write_image(path, np.hstack(cols[:-1]))
 
 
 # ---------------------------------------------------------------- main
+
+
+def identities(args, analyzer, embedder):
+    """(names, embeddings (K, 128), target index, other index): A, B, then the gallery's other people."""
+    ref_a = reference_embedding(embedder, analyzer, args.faces_a, REFERENCE_FACES)
+    ref_b = reference_embedding(embedder, analyzer, args.faces_b, REFERENCE_FACES)
+    names, embeddings = ["A", "B"], [ref_a, ref_b]
+    if args.gallery:
+        for name, embedding in load_gallery(args.gallery, analyzer, embedder).items():
+            if name not in (args.name_a, args.name_b):  # the pair's own faces stand for them
+                names.append(name)
+                embeddings.append(embedding)
+    target, other = (1, 0) if args.direction == "a2b" else (0, 1)
+    return names, np.stack(embeddings), target, other
 
 
 def run(args):
@@ -143,16 +261,15 @@ def run(args):
         if not path.exists():
             raise utils.UserError(f"{what} not found: {path}")
     out_dir = utils.ensure_writable_dir(args.out_dir)
-    analyzer = utils.FaceAnalyzer()
+    analyzer = utils.FaceAnalyzer(*utils.detector_settings(args))
     embedder = utils.FaceEmbedder()
-    ref_a = reference_embedding(embedder, analyzer, args.faces_a, REFERENCE_FACES)
-    ref_b = reference_embedding(embedder, analyzer, args.faces_b, REFERENCE_FACES)
-    target, other = (ref_b, ref_a) if args.direction == "a2b" else (ref_a, ref_b)
-    dist_target, dist_other, lm_errors, changes_src, changes_dst, pairs = [], [], [], [], [], []
+    names, gallery, target, other = identities(args, analyzer, embedder)
+    rows = []  # per evaluated frame: distances to every identity, landmark error, poses, sharpness
+    changes_src, changes_dst, samples = [], [], []
     prev = None
     n_frames = n_missing = 0
-    converted = read_frames(args.converted_path, 1, args.max_frames)
-    for (i, src, use), (_, dst, _) in tqdm(zip(read_frames(args.source_path, args.every, args.max_frames),
+    converted = sample_frames(args.converted_path, 1, args.max_frames)
+    for (i, src, use), (_, dst, _) in tqdm(zip(sample_frames(args.source_path, args.every, args.max_frames),
                                                converted), desc="evaluating", unit="frame"):
         n_frames += 1
         if src.shape != dst.shape:
@@ -162,7 +279,8 @@ def run(args):
         if not found_src:
             prev = None
             continue
-        box = face_box(found_src[0][1], src.shape)
+        src_landmarks = found_src[0][1]
+        box = face_box(src_landmarks, src.shape)
         if prev is not None:
             changes_src.append(frame_change(prev[0], src, box))
             changes_dst.append(frame_change(prev[1], dst, box))
@@ -173,48 +291,79 @@ def run(args):
         if not found_dst:
             n_missing += 1
             continue
-        emb = embedder.embed(dst, found_dst[0][1])
-        dist_target.append(float(np.linalg.norm(emb - target)))
-        dist_other.append(float(np.linalg.norm(emb - other)))
-        lm_errors.append(landmark_error(found_src[0][1], found_dst[0][1]))
-        if len(pairs) < 8 and i % max(1, 15 * args.every) == 0:
-            pairs.append((src, dst))
-    if not dist_target:
+        dst_landmarks = found_dst[0][1]
+        interior = utils.face_interior_mask(src_landmarks, src.shape)  # the same region in both frames
+        rows.append(dict(
+            distances=np.linalg.norm(gallery - embedder.embed(dst, dst_landmarks), axis=1),
+            landmark_error=landmark_error(src_landmarks, dst_landmarks),
+            pose_error=pose_error(utils.head_pose(src_landmarks, src.shape), utils.head_pose(dst_landmarks, dst.shape)),
+            sharp_src=utils.sharpness(src, src_landmarks, interior),
+            sharp_dst=utils.sharpness(dst, src_landmarks, interior)))
+        if len(samples) < 6 and i % max(1, 15 * args.every) == 0:
+            samples.append((src, dst, src_landmarks))
+    if not rows:
         raise utils.UserError("no face found in any converted frame; nothing to evaluate")
-    dt, do = np.array(dist_target), np.array(dist_other)
-    names = ("B", "A") if args.direction == "a2b" else ("A", "B")
-    result = dict(
-        frames=n_frames, frames_evaluated=len(dt), converted_frames_without_face=n_missing,
-        identity={f"id_retrieval_closer_to_{names[0]}": round(float((dt < do).mean()), 4),
-                  f"mean_distance_to_{names[0]}": round(float(dt.mean()), 4),
-                  f"mean_distance_to_{names[1]}": round(float(do.mean()), 4),
-                  f"share_within_0.6_of_{names[0]}": round(float((dt < 0.6).mean()), 4),
-                  "reference_a_to_b_distance": round(float(np.linalg.norm(ref_a - ref_b)), 4)},
-        expression=dict(landmark_error_over_inter_ocular=round(float(np.mean(lm_errors)), 4)),
-        flicker=dict(source_mean_change=round(float(np.mean(changes_src)), 3) if changes_src else None,
-                     converted_mean_change=round(float(np.mean(changes_dst)), 3) if changes_dst else None,
-                     ratio=round(float(np.mean(changes_dst) / max(1e-9, np.mean(changes_src))), 3)
-                     if changes_src else None))
+    result = dict(frames=n_frames, frames_evaluated=len(rows), converted_frames_without_face=n_missing,
+                  identity=identity_figures(rows, names, target, other, args.direction), **quality_figures(rows))
+    result["flicker"] = dict(
+        source_mean_change=round(float(np.mean(changes_src)), 3) if changes_src else None,
+        converted_mean_change=round(float(np.mean(changes_dst)), 3) if changes_dst else None,
+        ratio=round(float(np.mean(changes_dst) / max(1e-9, np.mean(changes_src))), 3) if changes_src else None)
     if args.heldout_a or args.heldout_b:
-        model, _ = models.load_model(args.model_dir / models.CHECKPOINT)
+        model, _ = models.load_model(args.model_dir / args.checkpoint)
         result["reconstruction"] = {}
         for folder, side in ((args.heldout_a, "a"), (args.heldout_b, "b")):
             if folder:
-                faces = utils.load_faces(folder, quiet=True)
-                result["reconstruction"][f"{side.upper()}->{side.upper()}"] = reconstruction(model, faces, side)
-    if pairs:
-        contact_sheet(pairs, out_dir / "contact_sheet.png")
+                faces, landmarks = utils.load_faces(folder, quiet=True)
+                result["reconstruction"][f"{side.upper()}->{side.upper()}"] = reconstruction(model, faces, side,
+                                                                                            landmarks)
+    if samples:
+        contact_sheet(samples, out_dir / "contact_sheet.png")
     utils.write_json(out_dir / "evaluation.json", dict(result, settings=utils.settings_dict(args)))
     print_table(result)
     print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'contact_sheet.png'}")
     return result
 
 
+def identity_figures(rows, names, target, other, direction):
+    distances = np.stack([r["distances"] for r in rows])  # (frames, identities)
+    nearest = distances.argmin(1)
+    rank = 1 + (distances < distances[:, [target]]).sum(1)
+    wrong = [names[k] for k in nearest if k != target]
+    t, o = ("B", "A") if direction == "a2b" else ("A", "B")
+    return {"gallery_size": len(names), "top1_retrieval": round(float((nearest == target).mean()), 4),
+            "mean_rank_of_target": round(float(rank.mean()), 3),
+            f"mean_distance_to_{t}": round(float(distances[:, target].mean()), 4),
+            f"mean_distance_to_{o}": round(float(distances[:, other].mean()), 4),
+            "most_retrieved_instead": max(set(wrong), key=wrong.count) if wrong else None,
+            f"two_person_closer_to_{t}": round(float((distances[:, target] < distances[:, other]).mean()), 4),
+            f"share_within_0.6_of_{t}": round(float((distances[:, target] < 0.6).mean()), 4),
+            "gallery": names}
+
+
+def quality_figures(rows):
+    poses = np.stack([r["pose_error"] for r in rows])
+    src = np.array([r["sharp_src"] for r in rows])
+    dst = np.array([r["sharp_dst"] for r in rows])
+    ok = np.isfinite(src) & np.isfinite(dst) & (src > 0)
+    return dict(
+        pose=dict(error_deg=round(float(np.nanmean(poses)), 3), yaw_error_deg=round(float(np.nanmean(poses[:, 0])), 3),
+                  pitch_error_deg=round(float(np.nanmean(poses[:, 1])), 3),
+                  roll_error_deg=round(float(np.nanmean(poses[:, 2])), 3)),
+        sharpness=dict(ratio=round(float(dst[ok].mean() / src[ok].mean()), 4) if ok.any() else None,
+                       median_frame_ratio=round(float(np.median(dst[ok] / src[ok])), 4) if ok.any() else None,
+                       source=round(float(src[ok].mean()), 2) if ok.any() else None,
+                       converted=round(float(dst[ok].mean()), 2) if ok.any() else None),
+        expression=dict(landmark_error_over_inter_ocular=round(float(np.mean([r["landmark_error"] for r in rows])), 4)))
+
+
 def print_table(result):
     print(f"\n{'metric':<44} value")
     print("-" * 56)
-    for group in ("identity", "expression", "flicker", "reconstruction"):
+    for group in ("identity", "pose", "sharpness", "expression", "flicker", "reconstruction"):
         for key, value in result.get(group, {}).items():
+            if key == "gallery":
+                continue
             if isinstance(value, dict):
                 value = ", ".join(f"{k} {v}" for k, v in value.items())
             print(f"{group + '.' + key:<44} {value}")

@@ -308,7 +308,7 @@ def prepare(args, device, quiet):
 
 
 def load_both_sides(args, quiet):
-    faces_a, faces_b = utils.load_faces(args.faces_a, quiet=quiet), utils.load_faces(args.faces_b, quiet=quiet)
+    faces_a, faces_b = utils.load_faces(args.faces_a, quiet=quiet)[0], utils.load_faces(args.faces_b, quiet=quiet)[0]
     for name, faces in (("A", faces_a), ("B", faces_b)):
         if len(faces) < MIN_FACES_WARNING and not quiet:
             print(f"warning: only {len(faces)} faces of person {name}; a few hundred or more per side "

@@ -166,7 +166,10 @@ def print_settings(args, title):
 
 
 def settings_dict(args):
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """The parsed flags as JSON-ready values (paths as strings)."""
+    def plain(v):
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return {k: plain(v) for k, v in vars(args).items()}
 
 
 # ---------------------------------------------------------------- devices and precision
@@ -446,31 +449,118 @@ def face_hull_mask(landmarks, shape, brow_lift=0.0):
     return mask.astype(np.float32) / 255
 
 
+# ---------------------------------------------------------------- head pose and sharpness
+
+# OpenFace's 68-point 3D mean face (x right, y down, z away from the camera; arbitrary units).
+MEAN_FACE_3D = np.array([
+    [-73.393523, -29.801432, 47.667532], [-72.775014, -10.949766, 45.909403], [-70.533638, 7.929818, 44.842580],
+    [-66.850058, 26.074280, 43.141114], [-59.790187, 42.564390, 38.635298], [-48.368973, 56.481080, 30.750622],
+    [-34.121101, 67.246992, 18.456453], [-17.875411, 75.056892, 3.609035], [0.098749, 77.061286, -0.881698],
+    [17.477031, 74.758448, 5.181201], [32.648966, 66.929021, 19.176563], [46.372358, 56.311389, 30.770570],
+    [57.343480, 42.419126, 37.628629], [64.388482, 25.455880, 40.886309], [68.212038, 6.990805, 42.281449],
+    [70.486405, -11.666193, 44.142567], [71.375822, -30.365191, 47.140426], [-61.119406, -49.361602, 14.254422],
+    [-51.287588, -58.769795, 7.268147], [-37.804800, -61.996155, 0.442051], [-24.022754, -61.033399, -6.606501],
+    [-11.635713, -56.686759, -11.967398], [12.056636, -57.391033, -12.051204], [25.106256, -61.902186, -7.315098],
+    [38.338588, -62.777713, -1.022953], [51.191007, -59.302347, 5.349435], [60.053851, -50.190255, 11.615746],
+    [0.653940, -42.193790, -13.380835], [0.804809, -30.993721, -21.150853], [0.992204, -19.944596, -29.284036],
+    [1.226783, -8.414541, -36.948060], [-14.772472, 2.598255, -20.132003], [-7.180239, 4.751589, -23.536684],
+    [0.555920, 6.562900, -25.944448], [8.272499, 4.661005, -23.695741], [15.214351, 2.643046, -20.858157],
+    [-46.047290, -37.471411, 7.037989], [-37.674688, -42.730510, 3.021217], [-27.883856, -42.711517, 1.353629],
+    [-19.648268, -36.754742, -0.111088], [-28.272965, -35.134493, -0.147273], [-38.082418, -34.919043, 1.476612],
+    [19.265868, -37.032306, -0.665746], [27.894191, -43.342445, 0.247660], [37.437529, -43.110822, 1.696435],
+    [45.170805, -38.086515, 4.894163], [38.196454, -35.532024, 0.282961], [28.764989, -35.484289, -1.172675],
+    [-28.916267, 28.612716, -2.240310], [-17.533194, 22.172187, -15.934335], [-6.684590, 19.029051, -22.611355],
+    [0.381001, 20.721118, -23.748437], [8.375443, 19.035460, -22.721995], [18.876618, 22.394109, -15.610679],
+    [28.794412, 28.079924, -3.217393], [19.057574, 36.298248, -14.987997], [8.956375, 39.634575, -22.554245],
+    [0.381549, 40.395647, -23.591626], [-7.428895, 39.836405, -22.406106], [-18.160634, 36.677899, -15.121907],
+    [-24.377490, 28.677771, -4.785684], [-6.897633, 25.475976, -20.893742], [0.340663, 26.014269, -22.220479],
+    [8.444722, 25.326198, -21.025520], [24.474473, 28.323008, -5.712776], [8.449166, 30.596216, -20.671489],
+    [0.205322, 31.408738, -21.903670], [-7.198266, 30.844876, -20.328022]])
+
+
+def head_pose(landmarks, image_shape):
+    """(yaw, pitch, roll) in degrees of a face's 68 landmarks: cv2.solvePnP against a 3D mean face.
+
+    A pinhole camera with the focal length of the image width, centred; 0, 0, 0 is a face
+    looking straight at the camera. Yaw > 0: the face turns to the image's right.
+    """
+    h, w = image_shape[:2]
+    camera = np.array([[w, 0, w / 2], [0, w, h / 2], [0, 0, 1]], np.float64)
+    points = np.asarray(landmarks, np.float64)
+    # SQPnP finds the global optimum (the iterative solver can land on a mirrored face behind the camera)
+    ok, rvec, tvec = cv2.solvePnP(MEAN_FACE_3D, points, camera, None, flags=cv2.SOLVEPNP_SQPNP)
+    if not ok:
+        return (float("nan"),) * 3
+    rvec, _ = cv2.solvePnPRefineLM(MEAN_FACE_3D, points, camera, None, rvec, tvec)
+    angles = cv2.RQDecomp3x3(cv2.Rodrigues(rvec)[0])[0]  # rotations about x (pitch), y (yaw), z (roll)
+    pitch, yaw, roll = ((a + 180) % 360 - 180 for a in angles)
+    return float(yaw), float(pitch), float(roll)
+
+
+def face_interior_mask(landmarks, shape, erode=0.1):
+    """The landmark hull shrunk by `erode` x the inter-ocular distance: the face without its outline."""
+    mask = face_hull_mask(landmarks, shape)
+    k = 2 * int(round(erode * inter_ocular(landmarks))) + 1
+    return cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) if k > 1 else mask
+
+
+def sharpness(image, landmarks, mask=None):
+    """Variance of the Laplacian of the grey image inside the face's interior: fine detail (blur lowers it)."""
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    mask = face_interior_mask(landmarks, gray.shape) if mask is None else mask
+    values = cv2.Laplacian(gray, cv2.CV_64F)[mask > 0.5]
+    return float(values.var()) if values.size > 16 else float("nan")
+
+
 # ---------------------------------------------------------------- faces as arrays and tensors
 
 
-def load_faces(folder, size=FACE_SIZE, quiet=False):
-    """All faces of a folder as one uint8 array (N, size, size, 3); unreadable files are skipped."""
+ALIGNMENTS_NAME = "alignments.json"  # crop_face.py's record beside the faces it saved
+
+
+def load_faces(folders, size=FACE_SIZE, quiet=False):
+    """(faces, landmarks) of one or more aligned-face folders; unreadable files are skipped.
+
+    faces: uint8 (N, size, size, 3); landmarks: (N, 68, 2) in aligned-face pixels from each
+    folder's alignments.json, NaN for a face without a record (e.g. added by hand).
+    """
     from tqdm import tqdm
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"faces folder not found: {folder} (run crop_face.py first)")
-    paths = list_images(folder)
-    if not paths:
-        raise UserError(f"no face images in {folder} (run crop_face.py first)")
-    faces = []
-    for path in tqdm(paths, desc=f"loading {folder.name}", unit="face", disable=quiet, leave=False):
-        image = read_image(path)
-        if image is None:
-            tqdm.write(f"warning: skipped unreadable {path}")
-            continue
-        if image.shape[:2] != (size, size):
-            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        faces.append(image)
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+    faces, landmarks = [], []
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"faces folder not found: {folder} (run crop_face.py first)")
+        paths = list_images(folder)
+        if not paths:
+            raise UserError(f"no face images in {folder} (run crop_face.py first)")
+        known = aligned_landmarks(folder)
+        for path in tqdm(paths, desc=f"loading {folder.name}", unit="face", disable=quiet, leave=False):
+            image = read_image(path)
+            if image is None:
+                tqdm.write(f"warning: skipped unreadable {path}")
+                continue
+            points = known.get(path.name, np.full((68, 2), np.nan))
+            if image.shape[:2] != (size, size):
+                points = points * size / image.shape[0]
+                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            faces.append(image)
+            landmarks.append(points)
     if not faces:
-        raise UserError(f"no readable face images in {folder}")
-    return np.stack(faces)
+        raise UserError(f"no readable face images in {', '.join(map(str, folders))}")
+    return np.stack(faces), np.stack(landmarks).astype(np.float32)
+
+
+def aligned_landmarks(folder):
+    """{face file name: its 68 landmarks in aligned-face pixels} from a folder's alignments.json ({} if none)."""
+    path = Path(folder) / ALIGNMENTS_NAME
+    if not path.is_file():
+        return {}
+    found = {}
+    for records in read_json(path).get("frames", {}).values():
+        for r in records:
+            found[r["face"]] = transform_points(r["landmarks"], r["matrix"])
+    return found
 
 
 def center_face(image, size=64, coverage=FACE_COVERAGE):
@@ -494,8 +584,8 @@ def to_images(tensor):
     return np.ascontiguousarray(arr.transpose(0, 2, 3, 1)[..., ::-1])
 
 
-def ssim(x, y, window=11, sigma=1.5):
-    """Mean SSIM of two float image batches (N, C, H, W) in [0, 1] (torch)."""
+def ssim(x, y, window=11, sigma=1.5, mask=None):
+    """Mean SSIM of two float image batches (N, C, H, W) in [0, 1] (torch); inside `mask` (N, 1, H, W) if given."""
     import torch
     import torch.nn.functional as F
 
@@ -514,7 +604,11 @@ def ssim(x, y, window=11, sigma=1.5):
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean()
+    if mask is None:
+        return ssim_map.mean()
+    half = window // 2  # the map is the 'valid' part: crop the mask to match
+    weight = mask[..., half:mask.shape[-2] - half, half:mask.shape[-1] - half].expand_as(ssim_map)
+    return (ssim_map * weight).sum() / weight.sum().clamp_min(1e-8)
 
 
 # ---------------------------------------------------------------- reading videos and image folders

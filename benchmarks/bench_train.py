@@ -31,7 +31,7 @@ def prepare_faces(tmp, frames):
         crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(tmp / name),
                               "--max-frames", str(frames)])
         crop_face.main(["--images-dir", str(tmp / name), "--faces-dir", str(tmp / f"{name}_face")])
-        dirs.append(utils.load_faces(tmp / f"{name}_face", quiet=True))
+        dirs.append(utils.load_faces(tmp / f"{name}_face", quiet=True)[0])
     return dirs
 
 

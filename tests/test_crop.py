@@ -81,7 +81,7 @@ def test_faces_found_and_eyes_aligned(obama_faces, andrew_faces):
     """>= 98% of frames have a face; eye centres stay put across frames and near the template."""
     tl, tr = template_eye_centres()
     for root in (obama_faces, andrew_faces):
-        data = json.loads((root / "faces" / crop_face.ALIGNMENTS_NAME).read_text())
+        data = json.loads((root / "faces" / utils.ALIGNMENTS_NAME).read_text())
         frames = data["frames"]
         assert len(frames) == 120
         assert sum(1 for recs in frames.values() if recs) / len(frames) >= 0.98
@@ -100,7 +100,7 @@ def test_faces_found_and_eyes_aligned(obama_faces, andrew_faces):
 
 def test_alignment_matrix_matches_saved_face(obama_faces):
     """The stored matrix reproduces the stored face from the source frame (tools can rely on it)."""
-    data = json.loads((obama_faces / "faces" / crop_face.ALIGNMENTS_NAME).read_text())
+    data = json.loads((obama_faces / "faces" / utils.ALIGNMENTS_NAME).read_text())
     rec = data["frames"]["000010.png"][0]
     frame = utils.read_image(obama_faces / "frames" / "000010.png")
     again = utils.warp_face(frame, np.array(rec["matrix"]), 256)

@@ -1,15 +1,17 @@
 """evaluate.py's metrics on known cases, and a run on real frames."""
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, OBAMA, make_clip, need_data
+from conftest import DATA, OBAMA, VIDEOS, make_clip, need_data
 
 import evaluate
 import utils
 
 IMAGES = DATA / "images" / "facerec"
+HILL = VIDEOS / "sadtalker_WDA_KatieHill_000.mp4"
 
 
 def test_identical_images_zero_landmark_error_and_infinite_psnr():
@@ -39,21 +41,88 @@ def test_identity_distances_on_real_photos():
     assert np.linalg.norm(obama - biden) > 0.6   # two different people
 
 
-def test_source_against_itself(obama_faces, andrew_faces, tmp_path):
-    """An unswapped video evaluated as 'converted': A's identity, no landmark error, flicker ratio 1."""
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """A small gallery of five people from the shared photos and clips (Katie Hill as 3 frames)."""
+    need_data()
+    folder = tmp_path_factory.mktemp("gallery")
+    people = {"obama": ["obama.jpg", "obama2.jpg"], "biden": ["biden2.jpg", "biden.jpg"],
+              "kit_harington": ["kit_harington_2.jpeg", "kit_harington_3.jpg"], "rose_leslie": ["rose_leslie_1.jpg"]}
+    for person, files in people.items():
+        (folder / person).mkdir()
+        for f in files:
+            (folder / person / f).symlink_to(IMAGES / f)
+    (folder / "katie_hill").mkdir()
+    for i, frame in zip(range(3), utils.read_video(HILL)):
+        utils.write_image(folder / "katie_hill" / f"{i}.png", frame)
+    return folder
+
+
+def evaluate_clip(converted, source, faces, tmp_path, *extra):
+    return evaluate.run(evaluate.parse_args([
+        "--converted-path", str(converted), "--source-path", str(source), "--faces-a", str(faces[0] / "faces"),
+        "--faces-b", str(faces[1] / "faces"), "--out-dir", str(tmp_path / "eval"), *extra]))
+
+
+def test_source_against_itself(obama_faces, andrew_faces, gallery, tmp_path):
+    """An unswapped video evaluated as 'converted': A retrieved among 6 people, no pose or landmark error,
+    sharpness and flicker ratio 1."""
     frames = [f for _, f in zip(range(20), utils.read_video(OBAMA))]
     clip = make_clip(tmp_path / "same.mp4", frames)
-    result = evaluate.run(evaluate.parse_args([
-        "--converted-path", str(clip), "--source-path", str(clip), "--faces-a", str(obama_faces / "faces"),
-        "--faces-b", str(andrew_faces / "faces"), "--out-dir", str(tmp_path / "eval")]))
-    assert result["identity"]["id_retrieval_closer_to_B"] == 0.0
-    assert result["identity"]["mean_distance_to_A"] < 0.6 < result["identity"]["mean_distance_to_B"]
+    result = evaluate_clip(clip, clip, (obama_faces, andrew_faces), tmp_path, "--gallery", str(gallery),
+                           "--name-a", "obama", "--direction", "b2a")
+    identity = result["identity"]
+    assert identity["gallery"] == ["A", "B", "biden", "katie_hill", "kit_harington", "rose_leslie"]
+    assert identity["top1_retrieval"] == 1.0 and identity["mean_rank_of_target"] == 1.0  # target A (b2a)
+    assert identity["two_person_closer_to_A"] == 1.0
+    assert identity["mean_distance_to_A"] < 0.6 < identity["mean_distance_to_B"]
+    assert result["pose"]["error_deg"] == 0.0
+    assert result["sharpness"]["ratio"] == 1.0
     assert result["expression"]["landmark_error_over_inter_ocular"] == 0.0
     assert result["flicker"]["ratio"] == 1.0
     saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert {k: v for k, v in saved.items() if k != "settings"} == result
     assert saved["settings"]["every"] == 1
     assert utils.read_image(tmp_path / "eval" / "contact_sheet.png").shape[0] == 320
+    assert json.loads((gallery / ".embeddings.json").read_text()).keys() == {
+        "obama", "biden", "kit_harington", "rose_leslie", "katie_hill"}  # cached for the next run
+
+
+def test_blurred_copy_is_much_less_sharp(obama_faces, andrew_faces, tmp_path):
+    frames = [f for _, f in zip(range(12), utils.read_video(OBAMA))]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "blur").mkdir()
+    for i, f in enumerate(frames):
+        utils.write_image(tmp_path / "src" / f"{i:03d}.png", f)
+        utils.write_image(tmp_path / "blur" / f"{i:03d}.png", cv2.GaussianBlur(f, (0, 0), 1.0))
+    result = evaluate_clip(tmp_path / "blur", tmp_path / "src", (obama_faces, andrew_faces), tmp_path)
+    assert result["sharpness"]["ratio"] < 0.25
+    assert result["pose"]["error_deg"] < 2.0  # blur barely moves the landmarks
+
+
+def test_another_gallery_person_is_retrieved(obama_faces, andrew_faces, gallery, tmp_path):
+    """Frames of Katie Hill 'converted' from themselves retrieve Katie Hill, not A or B."""
+    frames = [f for _, f in zip(range(6), utils.read_video(HILL))]
+    (tmp_path / "hill").mkdir()
+    for i, f in enumerate(frames[3:]):  # not the frames in the gallery
+        utils.write_image(tmp_path / "hill" / f"{i:03d}.png", f)
+    result = evaluate_clip(tmp_path / "hill", tmp_path / "hill", (obama_faces, andrew_faces), tmp_path,
+                           "--gallery", str(gallery))
+    identity = result["identity"]
+    assert identity["top1_retrieval"] == 0.0 and identity["most_retrieved_instead"] == "katie_hill"
+    assert identity["mean_rank_of_target"] > 1
+
+
+def test_head_pose_of_a_mirrored_face():
+    """Mirroring a photo flips yaw and roll, keeps pitch."""
+    need_data()
+    image = utils.read_image(IMAGES / "obama2.jpg")
+    analyzer = utils.FaceAnalyzer()
+    (_, landmarks), = analyzer.analyze(image)
+    (_, mirrored), = analyzer.analyze(np.ascontiguousarray(image[:, ::-1]))
+    yaw, pitch, roll = utils.head_pose(landmarks, image.shape)
+    m_yaw, m_pitch, m_roll = utils.head_pose(mirrored, image.shape)
+    assert abs(yaw) > 10 and abs(yaw + m_yaw) < 3 and abs(roll + m_roll) < 3 and abs(pitch - m_pitch) < 3
 
 
 def test_reconstruction_of_a_perfect_model():
@@ -66,6 +135,17 @@ def test_reconstruction_of_a_perfect_model():
     faces = np.random.default_rng(0).integers(0, 255, (3, 256, 256, 3), dtype=np.uint8)
     r = evaluate.reconstruction(Identity(), faces, "a")
     assert r["l1"] == 0 and r["psnr"] == float("inf") and r["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert r["ssim_face"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ssim_inside_the_mask_ignores_the_outside():
+    x = torch.rand(1, 3, 64, 64)
+    y = x.clone()
+    y[..., :, 40:] = torch.rand(1, 3, 64, 24)  # damage the right part only
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :, :24] = 1
+    assert float(utils.ssim(x, y, mask=mask)) == pytest.approx(1.0, abs=1e-4)
+    assert float(utils.ssim(x, y)) < 0.8
 
 
 def test_missing_inputs(tmp_path, capsys):
