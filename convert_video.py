@@ -148,7 +148,7 @@ def swap_faces(model, frames, faces, side, settings, device=None, dtype=None):
     with torch.no_grad(), utils.autocast(device, dtype):
         for k in range(0, len(crops), settings.batch_size):
             x = utils.to_tensor(np.stack(crops[k:k + settings.batch_size])).to(device)
-            outputs.extend(utils.to_images(model(x.contiguous(memory_format=torch.channels_last), side)))
+            outputs.extend(utils.to_images(model(x.contiguous(memory_format=torch.channels_last), side)[:, :3]))
     result = list(frames)
     for (i, matrix, landmarks), face in zip(jobs, outputs):
         result[i] = paste_face(result[i], face, matrix, landmarks, settings)

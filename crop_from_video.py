@@ -1,23 +1,28 @@
 """Step 1: extract frames from a video.
 
-Reads any video OpenCV can open (mp4, avi, mov, gif, ...) and writes its frames
-as zero-padded, correctly sorting images (000000.png, 000001.png, ... named by
-source frame index) into SAVE_DIR, plus SAVE_DIR/frames.json recording where
-they came from (source path, fps, size, frame indices).
+Reads a video (mp4, mov, avi, mkv, gif, ... through PyAV, the reader every step uses, so
+these frames are pixel for pixel what convert_video.py sees) and writes its frames, upright
+(phones' rotation applied), as zero-padded, correctly sorting images (000000.png,
+000001.png, ... named by source frame index) into SAVE_DIR, plus SAVE_DIR/frames.json:
+where they came from (path, size and time of the video, fps, size, rotation), the
+settings, each frame's index and timestamp, and whether the extraction is complete.
 
-A folder holding frames of another video (or of other settings) is never mixed
-into: the script stops, unless --overwrite replaces the old frames.
+frames.json is written every few seconds while frames are written, so an interrupted run
+(Ctrl-C, a crash, kill -9) continues where it stopped when run again. A folder holding
+frames of another video or of other settings is never mixed into: the script stops,
+unless --overwrite replaces the old frames. A damaged or cut video gives a warning naming
+the frame where decoding stopped, and frames.json records complete: false.
 
 Example (every 2nd frame of the first 10 seconds):
-    python crop_from_video.py --video-path ../shared/data/videos/styletalk_obama_clip1.mp4 \
+    python crop_from_video.py --video-path ../shared/data/videos/styletalk_obama_clip1.mp4 \\
         --save-dir train/personA --every 2 --end 10
 Tiny run:
     python crop_from_video.py --video-path clip.mp4 --save-dir /tmp/frames --max-frames 20
 """
 import argparse
+import time
 from pathlib import Path
 
-import cv2
 from tqdm import tqdm
 
 import utils
@@ -28,6 +33,7 @@ EVERY = 1                             # keep every Nth frame
 MAX_FRAMES = 0                        # stop after this many frames written (0 = no limit)
 IMAGE_FORMAT = "png"                  # png (lossless) or jpg (smaller)
 META_NAME = "frames.json"
+SAVE_SECONDS = 5                      # frames.json is rewritten this often while extracting
 
 
 def parse_args(argv=None):
@@ -46,93 +52,95 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def open_capture(path):
-    """(capture, fps, width, height, frame_count) or a UserError saying what is wrong."""
-    path = utils.require_file(path, "video")
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise utils.UserError(f"cannot open {path} as a video (unsupported or corrupt file)")
-    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    return cap, fps, width, height, count
-
-
-def wanted_frames(index, fps, args):
-    """Whether frame `index` is inside the time range and on the --every grid; None past the end."""
-    t = index / fps if fps > 0 else 0.0
-    if args.end and t >= args.end:
-        return None
-    start_index = round(args.start * fps) if fps > 0 else 0
-    return index >= start_index and (index - start_index) % args.every == 0
-
-
-def source_record(args, fps, width, height):
+def source_record(args, source):
+    """What identifies this extraction: the video file (path, size, time) and the settings."""
     stat = args.video_path.stat()
-    return dict(source=str(args.video_path.resolve()), source_bytes=stat.st_size, fps=fps, width=width,
-                height=height, every=args.every, start=args.start, end=args.end,
-                max_frames=args.max_frames, format=args.format)
+    return dict(source=str(args.video_path.resolve()), source_bytes=stat.st_size, source_mtime_ns=stat.st_mtime_ns,
+                every=args.every, start=args.start, end=args.end, max_frames=args.max_frames, format=args.format)
 
 
-def check_save_dir(save_dir, record, overwrite):
-    """Refuse to mix frames of different videos/settings; returns True when already done."""
+def previous_frames(save_dir, record, overwrite):
+    """{index: time} of frames an earlier run of this same extraction wrote (to resume), {} to start afresh,
+    or None when that run is complete. Frames of another video or other settings are refused."""
     existing = utils.list_images(save_dir)
     meta_path = save_dir / META_NAME
-    if not existing:
-        return False
-    if meta_path.exists() and not overwrite:
-        meta = utils.read_json(meta_path)
-        same = all(meta.get(k) == v for k, v in record.items())
-        if same and meta.get("complete") and len(meta.get("frames", [])) == len(existing):
-            return True
-    if not overwrite:
+    meta = utils.read_json(meta_path) if meta_path.is_file() and not overwrite else None
+    if meta is not None and all(meta.get(k) == v for k, v in record.items()):
+        names = {p.name for p in existing}
+        done = {i: t for i, t in zip(meta.get("frames", []), meta.get("times", []))
+                if utils.frame_name(i, record["format"]) in names}
+        if meta.get("complete") and len(done) == len(meta.get("frames", [])):
+            return None
+        return done
+    if existing and not overwrite:
         raise utils.UserError(f"{save_dir} already holds {len(existing)} images from another video or other "
                               "settings; choose another --save-dir or pass --overwrite to replace them")
     for p in existing:
         p.unlink()
-    return False
+    return {}
 
 
 def run(args):
     utils.print_settings(args, "crop_from_video.py")
-    cap, fps, width, height, count = open_capture(args.video_path)
-    ok, first = cap.read()
-    if not ok or first is None:
-        raise utils.UserError(f"{args.video_path} has no readable frames")
-    cap.release()
+    source = utils.FrameSource(args.video_path)
+    if source.is_folder:
+        raise utils.UserError(f"{args.video_path} is a folder; --video-path takes a video file")
     save_dir = utils.ensure_writable_dir(args.save_dir)
-    record = source_record(args, fps, width, height)
-    if check_save_dir(save_dir, record, args.overwrite):
+    with utils.locked(save_dir):
+        return extract(args, source, save_dir)
+
+
+def extract(args, source, save_dir):
+    record = source_record(args, source)
+    done = previous_frames(save_dir, record, args.overwrite)
+    if done is None:
         print(f"{save_dir} already holds these frames; nothing to do (--overwrite to extract again)")
         return 0
-    cap = cv2.VideoCapture(str(args.video_path))
-    written, index = [], 0
-    total = count if count > 0 else None
-    with tqdm(total=total, unit="frame", desc="reading") as bar:
-        while True:
-            want = wanted_frames(index, fps, args)
-            if want is None:
-                break
-            if want:
-                ok, frame = cap.read()
-            else:
-                ok, frame = cap.grab(), None  # skip without decoding to an image
-            if not ok:
-                break
-            if want:
-                name = utils.frame_name(index, args.format)
-                utils.write_image(save_dir / name, frame)
-                written.append(index)
-                if args.max_frames and len(written) >= args.max_frames:
-                    bar.update(1)
-                    break
-            index += 1
+    if done:
+        print(f"resuming: {len(done)} frames already written")
+    info = dict(fps=source.fps, width=source.width, height=source.height, rotation=source.rotation,
+                announced_frames=source.expected)
+    written = dict(done)
+    last_save = 0.0
+
+    def save(complete, note=None):
+        order = sorted(written)
+        meta = dict(record, **info, frames=order, times=[written[i] for i in order], complete=complete)
+        if note:
+            meta["note"] = note
+        utils.write_json(save_dir / META_NAME, meta)
+
+    reached_end = False  # the selection ended (--end, --max-frames) before the video did
+    first_wanted = None
+    with tqdm(total=source.expected, unit="frame", desc="reading") as bar:
+        for frame in source:
             bar.update(1)
-    cap.release()
+            t = frame.time if frame.time is not None else frame.index / (source.fps or 25)
+            if args.end and t >= args.end - 1e-6:
+                reached_end = True
+                break
+            if t < args.start - 1e-6:
+                continue
+            first_wanted = frame.index if first_wanted is None else first_wanted
+            if (frame.index - first_wanted) % args.every:
+                continue
+            if frame.index not in written:
+                utils.write_image(save_dir / utils.frame_name(frame.index, args.format), frame.image)
+                written[frame.index] = round(t, 6)
+            if args.max_frames and len(written) >= args.max_frames:
+                reached_end = True
+                break
+            if time.time() - last_save > SAVE_SECONDS:  # an interrupted run resumes from here
+                save(complete=False)
+                last_save = time.time()
     if not written:
+        save(complete=False)
         raise utils.UserError("no frames in the requested range (check --start/--end)")
-    utils.write_json(save_dir / META_NAME, dict(record, frames=written, complete=True))
-    print(f"wrote {len(written)} frames ({width}x{height}, {fps:.3f} fps) to {save_dir}")
+    problem = None if reached_end else source.shortfall_message()
+    save(complete=problem is None, note=problem)
+    if problem:
+        print(f"warning: {problem}; frames.json records complete: false")
+    print(f"wrote {len(written)} frames ({source.width}x{source.height}, {source.fps:.3f} fps) to {save_dir}")
     return 0
 
 

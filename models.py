@@ -15,7 +15,8 @@ import utils
 CHECKPOINT = "checkpoint.pt"            # train.py's latest checkpoint in its model folder
 BEST_CHECKPOINT = "checkpoint_best.pt"  # the copy with the lowest loss so far
 
-# Presets: input size, encoder conv widths, bottleneck width, decoder widths.
+# Presets: input size, encoder conv widths, bottleneck width, decoder widths, residual blocks
+# after each decoder upscale, output channels (3 = colour; 4 = colour + a learned face mask).
 MODEL_CONFIGS = {
     # The tutorial's model: 3->128->256->512->1024, dense 1024, decoders 256->128->64.
     "original": dict(input_size=64, encoder_channels=(128, 256, 512, 1024), latent_dim=1024,
@@ -26,6 +27,10 @@ MODEL_CONFIGS = {
     # A small model for quick CPU runs and tests (about 1/16 of the compute).
     "tiny": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                  decoder_channels=(64, 32, 16)),
+    # The CPU preset: 128 px out, a residual block after each decoder upscale but the last,
+    # a learned mask as a 4th output channel (about 4x tiny's compute per face).
+    "lite128": dict(input_size=128, encoder_channels=(32, 64, 128, 256, 512), latent_dim=256,
+                    decoder_channels=(128, 64, 32, 16), residual_blocks=1, output_channels=4, output_kernel=3),
 }
 
 
@@ -49,6 +54,19 @@ class UpscaleBlock(nn.Sequential):
         super().__init__(nn.Conv2d(cin, cout * 4, 3, padding=1), nn.LeakyReLU(0.1), nn.PixelShuffle(2))
 
 
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with a skip connection (as DeepFaceLab's decoders): detail without a new scale."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        return self.act(x + self.conv2(self.act(self.conv1(x))))
+
+
 class Encoder(nn.Module):
     def __init__(self, input_size, encoder_channels, latent_dim):
         super().__init__()
@@ -69,36 +87,52 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, in_channels, decoder_channels):
+    def __init__(self, in_channels, decoder_channels, residual_blocks=0, output_channels=3, output_kernel=5):
         super().__init__()
         widths = (in_channels, *decoder_channels)
-        self.upscales = nn.Sequential(*[UpscaleBlock(a, b) for a, b in zip(widths, widths[1:])])
-        self.to_rgb = nn.Conv2d(decoder_channels[-1], 3, 5, padding=2)
+        stages = []
+        for k, (a, b) in enumerate(zip(widths, widths[1:])):
+            stages.append(UpscaleBlock(a, b))
+            if k < len(decoder_channels) - 1:  # not at full size, where a block costs the most
+                stages += [ResidualBlock(b) for _ in range(residual_blocks)]
+        self.upscales = nn.Sequential(*stages)
+        self.to_rgb = nn.Conv2d(decoder_channels[-1], output_channels, output_kernel, padding=output_kernel // 2)
 
     def forward(self, x):                          # (B, 512, 8, 8)
         x = self.upscales(x)                       # (B, 64, 64, 64)
-        return torch.sigmoid(self.to_rgb(x))       # (B, 3, 64, 64)
+        return torch.sigmoid(self.to_rgb(x))       # (B, 3, 64, 64): colour (+ mask as a 4th channel)
 
 
 class FaceSwapModel(nn.Module):
     """Shared encoder + decoder_a + decoder_b. forward(x, side) with side "a" or "b"."""
 
     def __init__(self, name="original", input_size=64, encoder_channels=(128, 256, 512, 1024),
-                 latent_dim=1024, decoder_channels=(256, 128, 64)):
+                 latent_dim=1024, decoder_channels=(256, 128, 64), residual_blocks=0, output_channels=3,
+                 output_kernel=5):
         super().__init__()
         if input_size != 8 * 2 ** len(decoder_channels):
             raise ValueError(f"input_size {input_size} needs {input_size // 8} = 2^len(decoder_channels)")
         if input_size // 2 ** len(encoder_channels) < 1:
             raise ValueError("too many encoder blocks for the input size")
+        if output_channels not in (3, 4):
+            raise ValueError("output_channels must be 3 (colour) or 4 (colour + mask)")
         self.config = dict(name=name, input_size=input_size, encoder_channels=tuple(encoder_channels),
-                           latent_dim=latent_dim, decoder_channels=tuple(decoder_channels))
+                           latent_dim=latent_dim, decoder_channels=tuple(decoder_channels),
+                           residual_blocks=residual_blocks, output_channels=output_channels,
+                           output_kernel=output_kernel)
         self.encoder = Encoder(input_size, encoder_channels, latent_dim)
-        self.decoder_a = Decoder(encoder_channels[-1] // 2, decoder_channels)
-        self.decoder_b = Decoder(encoder_channels[-1] // 2, decoder_channels)
+        decoder = (encoder_channels[-1] // 2, decoder_channels, residual_blocks, output_channels, output_kernel)
+        self.decoder_a = Decoder(*decoder)
+        self.decoder_b = Decoder(*decoder)
 
     @property
     def input_size(self):
         return self.config["input_size"]
+
+    @property
+    def has_mask(self):
+        """Whether the decoders also output a face mask (a 4th channel)."""
+        return self.config["output_channels"] == 4
 
     def decoder(self, side):
         if side == "a":

@@ -48,6 +48,9 @@ BATCH_SIZE = 64                       # faces per side per step (per process und
 ITERATIONS = 100_000                  # total steps to reach (0 = until --minutes or Ctrl-C)
 MINUTES = 0.0                         # stop after this many minutes of this run (0 = no limit)
 LEARNING_RATE = 5e-5
+WARMUP = 0                            # steps of linear learning-rate warm-up
+LOSS = "l1"                           # l1 (the tutorial's), ssim+l1 or masked
+NO_WARP_LAST = 0.0                    # share of the run at the end without random warp
 SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
@@ -57,8 +60,10 @@ MIN_FACES_WARNING = 200               # fewer faces per side than this gives a w
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--faces-a", type=Path, default=FACES_A, help="aligned faces of person A")
-    p.add_argument("--faces-b", type=Path, default=FACES_B, help="aligned faces of person B")
+    p.add_argument("--faces-a", type=Path, nargs="+", default=[FACES_A],
+                   help="aligned faces of person A (one or more folders)")
+    p.add_argument("--faces-b", type=Path, nargs="+", default=[FACES_B],
+                   help="aligned faces of person B (one or more folders)")
     p.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="checkpoints, preview and log go here")
     p.add_argument("--model", choices=list(models.MODEL_CONFIGS), default=MODEL, help="model preset")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE,
@@ -67,7 +72,17 @@ def parse_args(argv=None):
                    help="total steps to reach (0 = no limit)")
     p.add_argument("--minutes", type=float, default=MINUTES, help="stop after this many minutes (0 = no limit)")
     p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate")
-    p.add_argument("--loss", choices=["l1", "ssim+l1"], default="l1", help="reconstruction loss")
+    p.add_argument("--warmup", type=utils.non_negative_int, default=WARMUP,
+                   help="steps over which the learning rate rises linearly to --lr (0 = none)")
+    p.add_argument("--loss", choices=["l1", "ssim+l1", "masked"], default=LOSS,
+                   help="l1: the tutorial's; masked: DSSIM + MSE inside the face, eyes x3, mouth x2")
+    p.add_argument("--no-warp-last", type=float, default=NO_WARP_LAST,
+                   help="share of the run (of --iterations, or of --minutes) trained without the random warp "
+                        "at the end, which sharpens the result (DeepFaceLab does this)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start a new model from this checkpoint's weights (a pretrained base of the same --model)")
+    p.add_argument("--pretrain", action="store_true",
+                   help="train a base: both decoders learn every face of --faces-a and --faces-b (many people)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on CPUs that support it and on recent GPUs, fp16 on older GPUs")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -121,27 +136,59 @@ def random_warp(image, rng, size=64, coverage=utils.FACE_COVERAGE, sigma=5.0):
 
 
 
-def make_batch(faces, rng, batch_size, size):
-    """(warped, target) float tensors (B, 3, size, size) of randomly drawn, augmented faces."""
+def region_weights(landmarks, size=utils.FACE_SIZE, brow_lift=1.0):
+    """uint8 (size, size) map of where the loss looks in an aligned face: 0 outside the face, else
+    WEIGHT_SCALE x (1 in the face hull with the brows raised over the forehead, as convert_video.py's mask;
+    3 around the eyes; 2 around the mouth: faceswap's eye and mouth multipliers)."""
+    if not np.isfinite(landmarks).all():  # a face with no alignment record: the mean face's region
+        landmarks = np.zeros((68, 2))
+        inner = size * utils.FACE_COVERAGE
+        landmarks[utils.ALIGN_POINTS] = utils.MEAN_FACE * inner + (size - inner) / 2
+        landmarks[utils.JAW] = landmarks[utils.MOUTH].mean(0)  # no jaw in the template: the hull ends at the mouth
+    weights = utils.face_hull_mask(landmarks, (size, size), brow_lift)
+    grow = 2 * int(0.15 * utils.inter_ocular(landmarks)) + 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow, grow))
+    for part, weight in ((utils.MOUTH, 2.0), (utils.LEFT_EYE, 3.0), (utils.RIGHT_EYE, 3.0)):
+        region = cv2.dilate(utils.face_hull_mask(landmarks[part], (size, size)), kernel)
+        weights = np.maximum(weights, region * weight)
+    return np.round(weights * WEIGHT_SCALE).astype(np.uint8)
+
+
+WEIGHT_SCALE = 60  # region weights are stored as uint8 = weight x 60 (so 3.0 -> 180)
+
+
+def make_batch(faces, rng, batch_size, size, warp=True):
+    """(input, target, weights) float tensors of randomly drawn, augmented faces: (B, 3, size, size) twice
+    and the target's region weights (B, 1, size, size). `faces` is (N, 256, 256, 4): BGR + region weights.
+    warp=False gives the target itself as the input (no random warp; for sharpness late in training)."""
     idx = rng.integers(len(faces), size=batch_size)
-    pairs = [random_warp(random_transform(faces[i], rng), rng, size) for i in idx]
-    warped, target = zip(*pairs)
-    return utils.to_tensor(np.stack(warped)), utils.to_tensor(np.stack(target))
+    inputs, targets = [], []
+    for i in idx:
+        warped, target = random_warp(random_transform(faces[i], rng), rng, size)
+        inputs.append(warped if warp else target)
+        targets.append(target)
+    inputs, targets = np.stack(inputs), np.stack(targets)
+    weights = torch.from_numpy(targets[..., 3:].transpose(0, 3, 1, 2).astype(np.float32) / WEIGHT_SCALE)
+    return utils.to_tensor(inputs[..., :3]), utils.to_tensor(targets[..., :3]), weights
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item `step` is that step's batch for both sides: a pure function of (seed, rank, step)."""
+    """Item `step` is that step's batch for both sides: a pure function of (seed, rank, step).
 
-    def __init__(self, faces_a, faces_b, batch_size, size, seed, rank=0):
+    Steps from `warp_until` on are drawn without the random warp."""
+
+    def __init__(self, faces_a, faces_b, batch_size, size, seed, rank=0, warp_until=None):
         self.faces = (faces_a, faces_b)
         self.batch_size, self.size, self.seed, self.rank = batch_size, size, seed, rank
+        self.warp_until = warp_until
 
     def __len__(self):
         return 2 ** 62
 
     def __getitem__(self, step):
+        warp = self.warp_until is None or step < self.warp_until
         return tuple(make_batch(faces, np.random.default_rng([self.seed, self.rank, step, side]),
-                                self.batch_size, self.size) for side, faces in enumerate(self.faces))
+                                self.batch_size, self.size, warp) for side, faces in enumerate(self.faces))
 
 
 def _worker_init(_):
@@ -169,10 +216,30 @@ class BothSides(nn.Module):
         return self.model.forward_both(x_a, x_b)
 
 
-def reconstruction_loss(kind):
-    if kind == "l1":
-        return F.l1_loss
-    return lambda y, t: F.l1_loss(y, t) + (1 - utils.ssim(y, t)) / 2
+def reconstruction_loss(kind, outside_weight=0.05):
+    """loss(output, target, weights) of one side. output may carry a mask as a 4th channel.
+
+    l1: the tutorial's L1 on the whole square. ssim+l1: plus DSSIM. masked: DeepFaceLab's
+    10 x DSSIM + 10 x MSE inside the face mask (SAEHD), the MSE weighted x3 around the eyes and
+    x2 around the mouth (faceswap), `outside_weight` outside the face; a learned mask is trained
+    on the face mask."""
+    def l1(y, t, w):
+        return F.l1_loss(y[:, :3], t)
+
+    def ssim_l1(y, t, w):
+        return F.l1_loss(y[:, :3], t) + (1 - utils.ssim(y[:, :3], t)) / 2
+
+    def masked(y, t, w):
+        mask = (w > 0).float()
+        weights = torch.where(w > 0, w, torch.full_like(w, outside_weight))
+        mse = (weights * (y[:, :3] - t) ** 2).mean() / weights.mean()
+        dssim = (1 - utils.ssim(y[:, :3] * mask, t * mask)) / 2
+        loss = 10 * dssim + 10 * mse
+        if y.shape[1] == 4:
+            loss = loss + F.mse_loss(y[:, 3:], mask)
+        return loss
+
+    return {"l1": l1, "ssim+l1": ssim_l1, "masked": masked}[kind]
 
 
 def to_device(t, device):
@@ -211,7 +278,7 @@ def mean_loss_improved(window, best_loss):
 def preview_faces(faces, count=6, size=64):
     """A fixed, evenly spread set of un-augmented faces (model view) for previews."""
     idx = np.linspace(0, len(faces) - 1, min(count, len(faces))).round().astype(int)
-    return utils.to_tensor(np.stack([utils.center_face(faces[i], size) for i in idx]))
+    return utils.to_tensor(np.stack([utils.center_face(faces[i, ..., :3], size) for i in idx]))
 
 
 @torch.no_grad()
@@ -224,7 +291,7 @@ def save_preview(path, model, view_a, view_b, device):
     rows = []
     for x, own, other in ((view_a, "a", "b"), (view_b, "b", "a")):
         x = x.to(device)
-        rows += [x, model(x, own).float(), model(x, other).float()]
+        rows += [x, model(x, own)[:, :3].float(), model(x, other)[:, :3].float()]
     model.train(was_training)
     grid = torchvision.utils.make_grid(torch.cat(rows).cpu(), nrow=len(view_a), padding=2)
     buffer = io.BytesIO()
@@ -264,12 +331,11 @@ def any_rank(flag, world):
 
 def train_step(net, optimizer, batch, loss_fn, device, dtype, scaler):
     """One step on both sides; returns (loss_a, loss_b) as floats."""
-    (warped_a, target_a), (warped_b, target_b) = batch
-    warped_a, target_a = to_device(warped_a, device), to_device(target_a, device)
-    warped_b, target_b = to_device(warped_b, device), to_device(target_b, device)
+    (input_a, target_a, weights_a), (input_b, target_b, weights_b) = [[to_device(t, device) for t in side]
+                                                                      for side in batch]
     with utils.autocast(device, dtype):
-        out_a, out_b = net(warped_a, warped_b)
-    loss_a, loss_b = loss_fn(out_a.float(), target_a), loss_fn(out_b.float(), target_b)
+        out_a, out_b = net(input_a, input_b)
+    loss_a, loss_b = loss_fn(out_a.float(), target_a, weights_a), loss_fn(out_b.float(), target_b, weights_b)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss_a + loss_b).backward()
     scaler.step(optimizer)
@@ -291,29 +357,65 @@ def prepare(args, device, quiet):
     ckpt_path = args.model_dir / models.CHECKPOINT
     if not ckpt_path.exists():
         torch.manual_seed(args.seed)
-        model = models.build_model(models.model_config(args.model)).to(device).to(memory_format=torch.channels_last)
+        model = models.build_model(models.model_config(args.model))
+        if args.init:
+            init_from(model, args.init, quiet)
+        model.to(device).to(memory_format=torch.channels_last)
         return model, make_optimizer(model, args.lr), 0, math.inf
+    if args.init and not quiet:
+        print(f"note: {ckpt_path} exists, so training resumes from it and --init is not used")
     ckpt = models.load_checkpoint(ckpt_path)
     if ckpt["config"].get("name") != args.model:
         raise utils.UserError(f"{ckpt_path} holds a {ckpt['config'].get('name')!r} model, not {args.model!r}; "
                               "pass --model to match or use another --model-dir")
     model = models.model_from_checkpoint(ckpt).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args.lr)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group in optimizer.param_groups:
-        group["lr"] = args.lr  # this run's --lr, not the saved one
+    optimizer.load_state_dict(ckpt["optimizer"])  # the loop sets this run's learning rate at every step
     if not quiet:
         print(f"resuming at step {ckpt['step']}")
     return model, optimizer, ckpt["step"], ckpt.get("best_loss", math.inf)
 
 
+def init_from(model, path, quiet):
+    """Copy a pretrained base's weights into a new model of the same preset."""
+    base = models.load_checkpoint(path)
+    mine = {k: v for k, v in model.config.items() if k != "name"}
+    theirs = {k: v for k, v in models.build_model(base["config"]).config.items() if k != "name"}
+    if mine != theirs:
+        raise utils.UserError(f"--init {path} holds a {base['config'].get('name')!r} model, not "
+                              f"{model.config['name']!r}; pass the matching --model")
+    model.load_state_dict({k: v.float() for k, v in base["model"].items()})
+    if not quiet:
+        print(f"starting from the weights of {path} (step {base['step']})")
+
+
+def load_training_faces(folders, quiet):
+    """(N, 256, 256, 4) uint8: each face's BGR and the loss's region weights (from its landmarks)."""
+    faces, landmarks = utils.load_faces(folders, quiet=quiet)
+    weights = np.stack([region_weights(points) for points in landmarks])
+    return np.concatenate([faces, weights[..., None]], axis=-1)
+
+
 def load_both_sides(args, quiet):
-    faces_a, faces_b = utils.load_faces(args.faces_a, quiet=quiet)[0], utils.load_faces(args.faces_b, quiet=quiet)[0]
+    faces_a, faces_b = load_training_faces(args.faces_a, quiet), load_training_faces(args.faces_b, quiet)
+    if args.pretrain:  # a base: both decoders see everyone
+        faces_a = faces_b = np.concatenate([faces_a, faces_b])
     for name, faces in (("A", faces_a), ("B", faces_b)):
         if len(faces) < MIN_FACES_WARNING and not quiet:
             print(f"warning: only {len(faces)} faces of person {name}; a few hundred or more per side "
                   "give a much better swap")
     return faces_a, faces_b
+
+
+def warp_until(args, start_step):
+    """The step from which batches are drawn without random warp (--no-warp-last), or None."""
+    if args.no_warp_last <= 0 or not args.iterations:
+        return None  # with --minutes only, the switch is made on the clock, in the loop
+    return max(start_step if args.no_warp_last >= 1 else 0, round((1 - args.no_warp_last) * args.iterations))
+
+
+def learning_rate(args, step):
+    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
 
 
 def run(args):
@@ -332,7 +434,8 @@ def run(args):
     loss_fn = reconstruction_loss(args.loss)
     size = model.input_size
     view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
-    loader = batch_loader(StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank), step, args.workers)
+    dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank, warp_until(args, step))
+    batches = iter(batch_loader(dataset, step, args.workers))
     if main_rank:
         print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
@@ -359,7 +462,10 @@ def run(args):
     stop_reason = "iterations reached"
     bar = tqdm(total=args.iterations or None, initial=step, unit="step", disable=not main_rank, dynamic_ncols=True)
     try:
-        for batch in loader:
+        while True:
+            batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args, step)
             try:
                 loss_a, loss_b = train_step(net, optimizer, batch, loss_fn, device, dtype, scaler)
             except torch.OutOfMemoryError:
@@ -383,8 +489,13 @@ def run(args):
             if main_rank and step % args.preview_every == 0:
                 save_preview(args.model_dir / "preview.png", model, view_a, view_b, device)
             done = bool(args.iterations) and step >= args.iterations
-            # every rank takes part in this check each step, so all stop at the same step
-            out_of_time = any_rank(bool(args.minutes) and time.time() - start_time >= args.minutes * 60, world)
+            # every rank takes part in these checks each step, so all switch and stop at the same step
+            elapsed = time.time() - start_time
+            out_of_time = any_rank(bool(args.minutes) and elapsed >= args.minutes * 60, world)
+            if (dataset.warp_until is None and args.minutes and args.no_warp_last > 0
+                    and any_rank(elapsed >= (1 - args.no_warp_last) * args.minutes * 60, world)):
+                dataset.warp_until = step  # the rest of this run without random warp
+                batches = iter(batch_loader(dataset, step, args.workers))
             if step % args.save_every == 0 or done or out_of_time:
                 best_loss, is_best = mean_loss_improved(window, best_loss)
                 if main_rank:

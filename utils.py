@@ -136,6 +136,49 @@ def require_file(path, what, hint=""):
     return path
 
 
+LOCK_NAME = ".faceswap.lock"  # held by the run writing into a folder
+
+
+@contextlib.contextmanager
+def locked(folder, target=None):
+    """Hold an advisory lock on an output folder (or on one file `target` in it) for a run.
+
+    A second run on the same output stops at once with a one-line error instead of mixing its
+    work into the first one's. The lock goes with the process, so a killed run leaves none.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    path = folder / (LOCK_NAME if target is None else f".{Path(target).name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{folder / (target or '')} is in use by another run (process {owner}); "
+                        "wait for it to finish or choose another output") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        remove_stale_temps(folder, target)  # ours to clean now: no other run writes here
+        yield
+    finally:
+        if target is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_temps(folder, target=None):
+    """Delete temp files that an interrupted run of this project left (".<name>.<random>.tmp...")."""
+    pattern = f".{Path(target).name}.*{TEMP_SUFFIX}*" if target else f".*{TEMP_SUFFIX}*"
+    for path in Path(folder).glob(pattern):
+        if path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def positive_int(text):
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1)
@@ -304,16 +347,133 @@ class FaceAnalyzer:
 
 _worker_analyzer = None  # one FaceAnalyzer per worker process
 
+WORKER_MEMORY_MB = 400  # what a detection worker process holds (dlib models, a frame, numpy, torch imported)
+
 
 def init_worker_analyzer(detector, landmarks_model, detect_size, upsample):
-    """Pool initializer: load the dlib models once per process."""
+    """Load the dlib models once per process (the main one too, when it detects itself)."""
     global _worker_analyzer
     cv2.setNumThreads(1)
     _worker_analyzer = FaceAnalyzer(detector, landmarks_model, detect_size, upsample)
 
 
+def init_detection_worker(*settings):
+    """Pool initializer: Ctrl-C is the main process's to handle (no traceback from each worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker_analyzer(*settings)
+
+
 def worker_analyzer():
     return _worker_analyzer
+
+
+def detection_pool(workers, settings):
+    """A pool of `workers` detection processes (None for 1: detect in this process), never more than the
+    cores or than the free memory holds."""
+    workers = max(1, min(workers, os.cpu_count() or 1, available_memory_mb() // WORKER_MEMORY_MB))
+    if workers == 1:
+        return None
+    import multiprocessing as mp
+
+    return mp.get_context("spawn").Pool(workers, init_detection_worker, settings)
+
+
+def available_memory_mb():
+    """Free memory (MemAvailable), or a large number where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 1 << 20
+
+
+REDETECT_EVERY = 24  # frames between detector runs while tracking
+
+
+class FaceTracker:
+    """Faces followed from frame to frame in a run of consecutive frames.
+
+    The landmark model runs on a box taken from the previous frame's landmarks; the detector
+    runs only on the first frame, every `redetect_every` frames (so faces entering the shot
+    are found), after a cut (a large change of the whole frame) and when a face is lost (its
+    aligned crop no longer looks like the one at the last detection, or it jumps or changes
+    size too much). Call it with each frame in order; reset() before a frame that does not
+    follow the last one.
+    """
+
+    CUT = 25.0          # mean absolute change of a 32x32 grey thumbnail (0..255) that counts as a cut
+    SAME_FACE = 0.6     # least correlation of the 32x32 aligned grey crop with the one at the last detection
+    MAX_JUMP = 0.5      # largest move of the face centre between frames, in inter-ocular distances
+    MAX_SCALE = 0.25    # largest relative change of the face size between frames
+
+    def __init__(self, analyzer, redetect_every=REDETECT_EVERY, all_faces=False):
+        self.analyzer, self.redetect_every, self.all_faces = analyzer, redetect_every, all_faces
+        self.detections = self.tracked = 0  # detector runs and tracked frames, for the record
+        self.reset()
+
+    def reset(self):
+        self.faces, self.thumb, self.since = [], None, 0
+
+    def __call__(self, image):
+        """[(box, landmarks (68, 2))] of the faces in this frame, largest first."""
+        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+        thumb = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+        cut = self.thumb is not None and np.abs(thumb - self.thumb).mean() > self.CUT
+        self.thumb = thumb
+        tracked = None
+        if self.faces and not cut and self.since < self.redetect_every:
+            tracked = self._follow(gray)
+        if tracked is None:
+            found = self.analyzer.analyze(gray, self.all_faces)
+            self.faces = [dict(landmarks=landmarks, detected=(box, landmarks), crop=_crop(gray, landmarks))
+                          for box, landmarks in found]
+            self.since, self.detections = 1, self.detections + 1
+            return found
+        for face, (_, landmarks) in zip(self.faces, tracked):
+            face["landmarks"] = landmarks
+        self.since, self.tracked = self.since + 1, self.tracked + 1
+        return sorted(tracked, key=lambda f: -(f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))
+
+    def _follow(self, gray):
+        """Each face's (box, landmarks) in this frame, or None when any face is lost (the detector must run).
+
+        The box is the detector's box at the last detection, moved and scaled as the landmarks moved
+        since then, so the landmark model sees the box it would get from the detector."""
+        h, w = gray.shape
+        tracked = []
+        for face in self.faces:
+            previous = face["landmarks"]
+            (l, t, r, b), at_detection = face["detected"]
+            motion = umeyama(at_detection, previous)[:2]  # similarity: landmarks then -> landmarks now
+            centre = transform_points([[(l + r) / 2, (t + b) / 2]], motion)[0]
+            half_w, half_h = np.array([r - l, b - t]) * matrix_scale(motion) / 2
+            box = clamp_box([centre[0] - half_w, centre[1] - half_h, centre[0] + half_w, centre[1] + half_h], w, h)
+            landmarks = self.analyzer.landmarks(gray, box)
+            size_then, size_now = inter_ocular(previous), inter_ocular(landmarks)
+            jump = np.linalg.norm(landmarks.mean(0) - previous.mean(0)) / max(size_then, 1e-6)
+            if (jump > self.MAX_JUMP or abs(size_now / max(size_then, 1e-6) - 1) > self.MAX_SCALE
+                    or _correlation(_crop(gray, landmarks), face["crop"]) < self.SAME_FACE):
+                return None
+            tracked.append((box, landmarks))
+        return tracked
+
+
+def _crop(gray, landmarks, size=32):
+    return warp_face(gray, align_matrix(landmarks, size, coverage=1.0), size).astype(np.float32)
+
+
+def _correlation(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-6))
+
+
+def alignment_residual(landmarks):
+    """RMS distance of the landmarks, aligned, to the mean face (units of the template's size): the shape fit."""
+    landmarks = np.asarray(landmarks, np.float64)
+    fitted = transform_points(landmarks[ALIGN_POINTS], umeyama(landmarks[ALIGN_POINTS], MEAN_FACE)[:2])
+    return float(np.sqrt(((fitted - MEAN_FACE) ** 2).sum(1).mean()))
 
 
 class FaceEmbedder:
@@ -557,8 +717,8 @@ def aligned_landmarks(folder):
     if not path.is_file():
         return {}
     found = {}
-    for records in read_json(path).get("frames", {}).values():
-        for r in records:
+    for frame in read_json(path).get("frames", {}).values():
+        for r in frame["faces"]:
             found[r["face"]] = transform_points(r["landmarks"], r["matrix"])
     return found
 

@@ -42,7 +42,8 @@ def bench_clip(clip, frames, naive_frames, workers):
         found, t_naive = timed(naive_crop, paths[:naive_frames], tmp / "naive")
         _, t_ours = timed(crop_face.main, ["--images-dir", str(tmp / "frames"), "--faces-dir", str(tmp / "faces"),
                                             "--workers", str(workers)])
-        faces = utils.read_json(tmp / "faces" / utils.ALIGNMENTS_NAME)["frames"]
+        faces = {name: [r for r in frame["faces"] if r["kept"] is True] for name, frame in
+                 utils.read_json(tmp / "faces" / utils.ALIGNMENTS_NAME)["frames"].items()}
         ours_fps, naive_fps = len(paths) / t_ours, min(naive_frames, len(paths)) / t_naive
         return dict(clip=clip, frames=len(paths), ours_fps=round(ours_fps, 2), naive_fps=round(naive_fps, 2),
                     speedup=round(ours_fps / naive_fps, 2),

@@ -22,7 +22,7 @@ def test_shapes(name):
     assert z.shape == (2, model.config["encoder_channels"][-1] // 2, 8, 8)
     for side in "ab":
         y = model(x, side)
-        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+        assert y.shape == (2, model.config["output_channels"], s, s) and 0 <= y.min() and y.max() <= 1
 
 
 def test_one_encoder_two_decoders():

@@ -1,0 +1,321 @@
+"""The time-to-quality curve: train a recipe for fixed CPU budgets, swap held-out frames, measure the swap.
+
+For each pair of people (clips of ../shared/data) the last HOLDOUT of every clip is held out; faces of
+the rest are extracted, a recipe (model preset, loss, training flags) is trained once, and at every
+budget (minutes of this machine's time, e.g. 5 15 30 60) the model converts A's held-out frames and
+evaluate.py measures the swap: identity retrieval among a gallery of every person in ../shared/data,
+sharpness, pose, landmark error, flicker, held-out reconstruction. One JSON and one contact sheet per
+budget, a summary JSON and a Markdown table of the whole run.
+
+Budgets are turned into step counts with each recipe's throughput (samples/s) measured at the start of
+the run on this machine, so the curve is what an idle machine of this kind gives in those minutes and
+does not depend on what else runs while the benchmark trains. Recipes with --no-warp-last train a trunk
+with the random warp and, for each budget, a branch that ends without it (as a run of that length would).
+
+    python benchmarks/bench_quality.py --pairs obama-andrew mead hdtf --recipes lite128 default tutorial \\
+        --budgets 5 15 30 60 --out bench_out/quality
+    python benchmarks/bench_quality.py --pairs obama-andrew --recipes "try:--model lite128 --loss l1" --budgets 5
+"""
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import VIDEOS, require_data
+
+import convert_video
+import crop_face
+import crop_from_video
+import demo
+import evaluate
+import models
+import train
+import utils
+
+EMOTIONS = ("angry", "contempt", "disgusted", "fear", "happy", "sad")
+PAIRS = {  # A's clips, B's clips, A's and B's names in the gallery
+    "obama-andrew": (["styletalk_obama_clip1.mp4"], ["styletalk_andrew_clip1.mp4"], "obama", "andrew_ng"),
+    "mead": ([f"dreamtalk_mead_M030_front_{e}_level3_001.mp4" for e in EMOTIONS],
+             [f"dreamtalk_mead_W011_front_{e}_level3_001.mp4" for e in EMOTIONS], "mead_m030", "mead_w011"),
+    "hdtf": (["sadtalker_WDA_AlexandriaOcasioCortez_000.mp4"], ["sadtalker_WDA_KatieHill_000.mp4"],
+             "ocasio_cortez", "katie_hill"),
+}
+RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
+    # the CPU default of this project
+    "lite128": "--model lite128 --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
+    # the default before it (demo.py on a CPU): the tiny model at 64 px, L1
+    "default": "--model tiny --loss l1 --batch-size 16 --lr 1e-4",
+    # the tutorial's recipe exactly: original model, L1, its two Adam optimizers, fp32, batch 64
+    "tutorial": "tutorial",
+}
+HOLDOUT = 0.15
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES),
+                   help="names of RECIPES, or 'name:train.py flags' for a recipe of your own")
+    p.add_argument("--budgets", type=float, nargs="+", default=[5, 15, 30, 60], help="minutes of training")
+    p.add_argument("--out", type=Path, default=Path("bench_out/quality"))
+    p.add_argument("--calibrate-seconds", type=float, default=60, help="time spent measuring each recipe's speed")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--eval-every", type=int, default=2, help="evaluate every Nth held-out frame")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="only measure the recipes' speed (do it on an idle machine; later runs reuse it)")
+    return p.parse_args(argv)
+
+
+def recipe_flags(spec):
+    name, _, flags = spec.partition(":")
+    flags = flags or RECIPES.get(name)
+    if flags is None:
+        raise SystemExit(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)} or name:flags")
+    return name, flags.split() if flags != "tutorial" else "tutorial"
+
+
+def flag(flags, name, default):
+    return type(default)(flags[flags.index(name) + 1]) if name in flags else default
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_pair(pair, out):
+    """Frames and faces of every clip, split into training and held-out parts; A's held-out frames in one folder."""
+    clips_a, clips_b, _, _ = PAIRS[pair]
+    root = out / pair / "data"
+    sides = {}
+    for side, clips in (("A", clips_a), ("B", clips_b)):
+        train_faces, heldout_faces = [], []
+        for clip in clips:
+            video = VIDEOS / clip
+            split = demo.split_seconds(video, HOLDOUT)
+            base = root / side / Path(clip).stem
+            for part, extra in (("train", ["--end", f"{split:.3f}"]), ("heldout", ["--start", f"{split:.3f}"])):
+                crop_from_video.main(["--video-path", str(video), "--save-dir", str(base / part)] + extra)
+                crop_face.main(["--images-dir", str(base / part), "--faces-dir", str(base / f"{part}_face")])
+            train_faces.append(base / "train_face")
+            heldout_faces.append(base / "heldout_face")
+        sides[side] = (train_faces, heldout_faces)
+    test_frames = root / "A_test_frames"  # A's held-out frames of every clip, in clip order
+    if not test_frames.is_dir():
+        tmp = test_frames.with_name(test_frames.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for k, clip in enumerate(clips_a):
+            for frame in utils.list_images(root / "A" / Path(clip).stem / "heldout"):
+                shutil.copy(frame, tmp / f"{k:02d}_{frame.name}")
+        tmp.rename(test_frames)
+    return sides, test_frames
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_flags(flags, faces, model_dir, iterations, no_warp_last=None):
+    extra = list(flags)
+    if no_warp_last is not None:
+        extra = strip(extra, "--no-warp-last") + ["--no-warp-last", str(no_warp_last)]
+    return (["--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
+             "--model-dir", str(model_dir), "--iterations", str(iterations), "--save-every", "1000000",
+             "--preview-every", "1000000", "--log-every", "10", "--workers", "1"] + extra)
+
+
+def strip(flags, name):
+    if name not in flags:
+        return flags
+    i = flags.index(name)
+    return flags[:i] + flags[i + 2:]
+
+
+def calibrate(flags, faces, work, seconds):
+    """Samples per second of a recipe on this machine (median of its log after the first steps)."""
+    cal = work / "calibration"
+    shutil.rmtree(cal, ignore_errors=True)
+    if flags == "tutorial":
+        faces_a, faces_b = (train.load_training_faces(faces[s][0], quiet=True) for s in "AB")
+        times = []
+        for _, _, t in tutorial_steps(faces_a, faces_b, 64, 10 ** 9):
+            times.append(t)
+            if sum(times) > seconds and len(times) >= 3:
+                break
+        return 2 * 64 * (len(times) - 1) / sum(times[1:])
+    start = time.time()
+    train.main(train_flags(strip(flags, "--warmup"), faces, cal, 10, no_warp_last=0))  # a first guess
+    steps = 10 + int(10 * seconds / (time.time() - start))
+    shutil.rmtree(cal)
+    train.main(train_flags(strip(flags, "--warmup"), faces, cal, steps, no_warp_last=0))
+    rows = [float(r["samples_per_s"]) for r in csv.DictReader(open(cal / "log.csv"))]
+    shutil.rmtree(cal)
+    return float(np.median(rows[2:] if len(rows) > 4 else rows[-1:]))  # the first rows hold the start-up
+
+
+def recipe_rate(name, flags, faces, args):
+    """A recipe's samples/s, measured once per output folder (out/rates.json) and reused for every pair."""
+    path = args.out / "rates.json"
+    rates = json.loads(path.read_text()) if path.is_file() else {}
+    if rates.get(name, {}).get("flags") != flags:
+        rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds)
+        rates = json.loads(path.read_text()) if path.is_file() else {}
+        rates[name] = dict(samples_per_s=round(rate, 3), flags=flags, measured=time.strftime("%Y-%m-%d %H:%M"))
+        path.write_text(json.dumps(rates, indent=1) + "\n")
+    return rates[name]["samples_per_s"]
+
+
+def tutorial_steps(faces_a, faces_b, batch_size, steps, seed=0, model=None):
+    """The tutorial's loop, faithfully (original model, two Adams that both step the encoder, fp32, L1):
+    yields (model, step, seconds) after each step."""
+    torch.manual_seed(seed)
+    model = model or models.build_model(models.model_config("original"))
+    opt_1 = torch.optim.Adam([*model.encoder.parameters(), *model.decoder_a.parameters()], lr=5e-5,
+                             betas=(0.5, 0.999))
+    opt_2 = torch.optim.Adam([*model.encoder.parameters(), *model.decoder_b.parameters()], lr=5e-5,
+                             betas=(0.5, 0.999))
+    for step in range(steps):
+        t = time.perf_counter()
+        warped_a, target_a, _ = train.make_batch(faces_a, np.random.default_rng([seed, 0, step, 0]), batch_size, 64)
+        warped_b, target_b, _ = train.make_batch(faces_b, np.random.default_rng([seed, 0, step, 1]), batch_size, 64)
+        opt_1.zero_grad()
+        opt_2.zero_grad()
+        loss_1 = F.l1_loss(model(warped_a, "a"), target_a)
+        loss_2 = F.l1_loss(model(warped_b, "b"), target_b)
+        loss_1.backward()
+        loss_2.backward()
+        opt_1.step()
+        opt_2.step()
+        yield model, step + 1, time.perf_counter() - t
+
+
+def budget_steps(rate, minutes, batch):
+    return max(1, round(rate * minutes * 60 / (2 * batch)))
+
+
+# ---------------------------------------------------------------- the curve
+
+
+def evaluate_budget(model_dir, test_frames, faces, names, gallery, out, every):
+    """Convert A's held-out frames with the model in model_dir and measure the swap."""
+    swapped = out / "swapped"
+    shutil.rmtree(swapped, ignore_errors=True)
+    convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir),
+                        "--output-path", str(swapped), "--workers", "1"])
+    evaluate.main(["--converted-path", str(swapped), "--source-path", str(test_frames),
+                   "--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
+                   "--heldout-a", *map(str, faces["A"][1]), "--heldout-b", *map(str, faces["B"][1]),
+                   "--gallery", str(gallery), "--name-a", names[0], "--name-b", names[1],
+                   "--model-dir", str(model_dir), "--out-dir", str(out), "--every", str(every)])
+    shutil.rmtree(swapped)
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def summary_row(pair, recipe, minutes, steps, result):
+    ident, rec = result["identity"], result.get("reconstruction", {})
+    return dict(pair=pair, recipe=recipe, minutes=minutes, steps=steps,
+                top1=ident["top1_retrieval"], rank=ident["mean_rank_of_target"],
+                two_person=next(v for k, v in ident.items() if k.startswith("two_person")),
+                sharpness=result["sharpness"]["ratio"], pose_deg=result["pose"]["error_deg"],
+                landmarks=result["expression"]["landmark_error_over_inter_ocular"],
+                flicker=result["flicker"]["ratio"],
+                ssim_face_b=rec.get("B->B", {}).get("ssim_face"))
+
+
+def run_recipe(pair, spec, args, gallery):
+    name, flags = recipe_flags(spec)
+    faces, test_frames = prepare_pair(pair, args.out)
+    names = PAIRS[pair][2:]
+    work = args.out / pair / name
+    work.mkdir(parents=True, exist_ok=True)
+    rate = recipe_rate(name, flags, faces, args)
+    batch = 64 if flags == "tutorial" else flag(flags, "--batch-size", 64)
+    print(f"\n== {pair} / {name}: {rate:.1f} samples/s on this machine", flush=True)
+    rows = []
+    trunk = work / "model"
+    tutorial = None
+    for minutes in sorted(args.budgets):
+        steps = budget_steps(rate, minutes, batch)
+        out = work / f"{minutes:g}min"
+        started = time.time()
+        if flags == "tutorial":
+            tutorial = tutorial or dict(faces=[train.load_training_faces(faces[s][0], quiet=True) for s in "AB"])
+            model_dir = train_tutorial(tutorial, steps, trunk)
+        else:
+            no_warp = flag(flags, "--no-warp-last", 0.0)
+            if no_warp > 0:  # trunk with warp to where this budget's no-warp end begins, then a branch
+                start = round((1 - no_warp) * steps)
+                train.main(train_flags(flags, faces, trunk, start, no_warp_last=0))
+                model_dir = work / "branch"
+                shutil.rmtree(model_dir, ignore_errors=True)
+                shutil.copytree(trunk, model_dir)
+                train.main(train_flags(flags, faces, model_dir, steps))
+            else:
+                train.main(train_flags(flags, faces, trunk, steps))
+                model_dir = trunk
+        train_seconds = time.time() - started
+        result = evaluate_budget(model_dir, test_frames, faces, names, gallery, out, args.eval_every)
+        row = summary_row(pair, name, minutes, steps, result)
+        row.update(samples_per_s=round(rate, 2), train_wall_s=round(train_seconds, 1))
+        (out / "budget.json").write_text(json.dumps(dict(row, recipe_flags=flags), indent=1) + "\n")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def train_tutorial(state, steps, model_dir):
+    """Continue the tutorial's loop to `steps` and save a checkpoint convert_video.py can use."""
+    if "steps" not in state:
+        state["steps"] = tutorial_steps(*state["faces"], 64, 10 ** 9)
+        state["step"] = 0
+    model = None
+    while state["step"] < steps:
+        model, state["step"], _ = next(state["steps"])
+        state["model"] = model
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model = state["model"]
+    train.save_checkpoint(model_dir, dict(model=model.state_dict(), optimizer={}, step=state["step"],
+                                          config=model.config), is_best=False)
+    return model_dir
+
+
+def markdown(rows):
+    head = "| pair | recipe | minutes | steps | ID top-1 | target rank | 2-person | sharpness | pose (deg) | " \
+           "landmarks | flicker |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    return head + "".join(f"| {r['pair']} | {r['recipe']} | {r['minutes']:g} | {r['steps']} | {r['top1']:.2f} | "
+                          f"{r['rank']:.2f} | {r['two_person']:.2f} | {r['sharpness']:.3f} | {r['pose_deg']:.2f} | "
+                          f"{r['landmarks']:.3f} | {r['flicker']:.2f} |\n" for r in rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    require_data()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    gallery = demo.make_gallery(args.out / "gallery")
+    rows = []
+    summary = args.out / "summary.json"
+    previous = json.loads(summary.read_text()) if summary.is_file() else []
+    if args.calibrate_only:
+        faces, _ = prepare_pair(args.pairs[0], args.out)
+        for spec in args.recipes:
+            name, flags = recipe_flags(spec)
+            print(f"{name}: {recipe_rate(name, flags, faces, args):.2f} samples/s")
+        return 0
+    for pair in args.pairs:
+        for spec in args.recipes:
+            rows += run_recipe(pair, spec, args, gallery)
+            done = {(r["pair"], r["recipe"], r["minutes"]) for r in rows}
+            kept = [r for r in previous if (r["pair"], r["recipe"], r["minutes"]) not in done]
+            summary.write_text(json.dumps(kept + rows, indent=1) + "\n")
+            (args.out / "summary.md").write_text(markdown(kept + rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
