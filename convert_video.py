@@ -1,14 +1,23 @@
 """Step 4: swap the faces of a video (A's video gets B's face) with a trained model.
 
-Reads VIDEO_PATH (a video file, or a folder of images), finds and aligns the
-face in every frame with exactly crop_face.py's code (utils.py), runs the
-aligned faces through the shared encoder and decoder B in batches, and pastes
-the result back with the inverse of the same affine, through a feathered mask
-of the landmark hull (brows raised over the forehead) after colour matching.
-Landmarks are smoothed over time against jitter; frames without a face pass
-through unchanged. Writes OUTPUT_PATH as H.264 MP4 at the input's size, fps and
-frame count, with the source's audio copied and the file marked as synthetic in
-its metadata (or, for a folder input, a folder of PNGs with the same names).
+Reads VIDEO_PATH (a video file, or a folder of images), finds and aligns the faces in
+every frame with crop_face.py's code (utils.py: the detector every few frames, faces
+followed in between), runs the aligned faces through the shared encoder and decoder B in
+batches, and pastes the result back with the inverse of the same affine, through a
+feathered mask of the landmark hull (brows raised over the forehead) after colour
+matching. Landmarks are smoothed over time against jitter, for each person separately;
+frames without a face pass through unchanged.
+
+Whose face is swapped: the largest face, except in frames with several faces, where
+it is the person the model was trained on (the checkpoint records A's and B's
+identity); --reference photos choose the person in every frame instead. Everyone else
+passes through untouched.
+
+Writes OUTPUT_PATH as H.264 MP4 at the input's size, frame count and timing (each
+frame keeps its timestamp, so a variable frame rate stays in sync with the audio), upright
+as the input plays, with the source's audio copied and the file marked as synthetic in its
+metadata; or, for a folder input, a folder of PNGs with the same names (never the input
+folder). Nothing is written unless the whole conversion succeeds.
 
 Example:
     python convert_video.py --video-path data/personA.mp4 --model-dir models --output-path output/swapped.mp4
@@ -17,7 +26,7 @@ Tiny run (first 30 frames):
 """
 import argparse
 import contextlib
-import multiprocessing as mp
+import fractions
 import os
 import queue
 import threading
@@ -42,6 +51,9 @@ MASK_ERODE = 0.03                            # mask erosion, as a fraction of th
 MASK_BLUR = 0.08                             # mask feathering, as a fraction of the face width
 SMOOTH = 0.5                                 # share of the previous frame's landmarks kept (0 = off)
 BATCH_SIZE = 16                              # faces per model call
+IDENTITY_THRESHOLD = 0.6                     # face-recognition distance under which a face is the person
+SYNTHETIC_NOTE = "SYNTHETIC MEDIA: face swapped with a deepfake model (faceswap pipeline); not a real recording."
+TIME_BASE = fractions.Fraction(1, 90000)     # output timestamps: fine enough for any frame rate
 
 
 def parse_args(argv=None):
@@ -54,6 +66,11 @@ def parse_args(argv=None):
                    help=f"checkpoint file in --model-dir ({models.BEST_CHECKPOINT} for the best-loss one)")
     p.add_argument("--direction", choices=["a2b", "b2a"], default=DIRECTION,
                    help="a2b: faces go through decoder B (A's video gets B's face); b2a: the reverse")
+    p.add_argument("--reference", type=Path, nargs="+", default=None,
+                   help="photos of the person whose face to swap (default: in frames with several faces, "
+                        "the person the model was trained on)")
+    p.add_argument("--identity-threshold", type=float, default=IDENTITY_THRESHOLD,
+                   help="largest face-recognition distance to the reference that counts as the person")
     p.add_argument("--color", choices=["rct", "avg", "hist", "none"], default=COLOR, help="colour correction")
     p.add_argument("--mask-erode", type=float, default=MASK_ERODE, help="mask erosion (fraction of face width)")
     p.add_argument("--mask-blur", type=float, default=MASK_BLUR, help="mask feathering (fraction of face width)")
@@ -67,8 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--crf", type=int, default=18, help="H.264 quality (0 = lossless, 18 = visually lossless)")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="faces per model call")
     utils.add_detector_args(p)
+    p.add_argument("--redetect-every", type=utils.positive_int, default=utils.REDETECT_EVERY,
+                   help="run the detector at least every N frames while following faces (1 = every frame)")
     p.add_argument("--workers", type=utils.positive_int, default=max(1, os.cpu_count() or 1),
-                   help="detection processes")
+                   help="detection processes (fewer where memory is short)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="model precision")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -76,17 +95,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- the swap
-
-
-def smooth_landmarks(previous, current, weight):
-    """Exponential smoothing against jitter; restarts after a jump (cut, fast motion) or a lost face."""
-    if previous is None or weight <= 0:
-        return current
-    left, right = utils.eye_centres(current)
-    eye_dist = np.linalg.norm(left - right)
-    if np.linalg.norm(current - previous, axis=1).mean() > 0.25 * eye_dist:
-        return current
-    return weight * previous + (1 - weight) * current
 
 
 def paste_face(frame, face, matrix, landmarks, args):
@@ -208,10 +216,97 @@ def draw_label(frame, text="SYNTHETIC"):
     return frame
 
 
-def analyze_frame(frame):
-    """Largest face's landmarks in a Frame, or None (runs in a worker process)."""
-    found = utils.worker_analyzer().analyze(frame.image)
-    return found[0][1] if found else None
+class Smoother:
+    """Exponential smoothing of each person's landmarks against jitter, following each face separately."""
+
+    def __init__(self, weight):
+        self.weight, self.previous = weight, []
+
+    def __call__(self, faces):
+        """Smoothed landmarks of this frame's faces; a face is matched to the nearest face of the last frame."""
+        smoothed, free = [], list(self.previous)
+        for landmarks in faces:
+            near = min(free, key=lambda p: np.linalg.norm(p.mean(0) - landmarks.mean(0)), default=None)
+            if near is not None:
+                free = [p for p in free if p is not near]
+            smoothed.append(smooth_landmarks(near, landmarks, self.weight))
+        self.previous = smoothed
+        return smoothed
+
+
+def smooth_landmarks(previous, current, weight):
+    """Exponential smoothing against jitter; restarts after a jump (cut, fast motion) or a lost face."""
+    if previous is None or weight <= 0:
+        return current
+    left, right = utils.eye_centres(current)
+    eye_dist = np.linalg.norm(left - right)
+    if np.linalg.norm(current - previous, axis=1).mean() > 0.25 * eye_dist:
+        return current
+    return weight * previous + (1 - weight) * current
+
+
+def choose_faces(found, reference, threshold, everywhere):
+    """Which of a frame's faces [(landmarks, embedding or None)] (largest first) to swap.
+
+    Without a reference: the largest. With one: the faces within `threshold` of it, nearest
+    first (only the nearest, unless `everywhere`, where it decides in every frame)."""
+    if not found:
+        return []
+    if reference is None or (not everywhere and len(found) == 1):
+        return [found[0][0]]
+    near = sorted((float(np.linalg.norm(embedding - reference).min()), k) for k, (_, embedding) in enumerate(found)
+                  if embedding is not None)
+    chosen = [found[k][0] for d, k in near if d < threshold]
+    return chosen if everywhere else chosen[:1]
+
+
+# ---------------------------------------------------------------- finding faces (worker processes)
+
+
+def track_chunk(task):
+    """[(landmarks, embedding or None)] for each of a run of consecutive frames, faces followed between frames.
+
+    Embeddings are made where the person must be told apart (`embed`: "all" frames, frames with
+    "several" faces, or None), once per face per detection and carried along while it is followed."""
+    images, redetect_every, embed = task
+    tracker = utils.FaceTracker(utils.worker_analyzer(), redetect_every, all_faces=True)
+    embedder = track_chunk.embedder = getattr(track_chunk, "embedder", None) or (utils.FaceEmbedder() if embed
+                                                                                 else None)
+    results, embeddings = [], []
+    for image in images:
+        faces = [landmarks for _, landmarks in tracker(image)]
+        if not embed or (embed == "several" and len(faces) < 2):
+            embeddings = [None] * len(faces)
+        elif tracker.detected or len(embeddings) != len(faces) or None in embeddings:
+            embeddings = [embedder.embed(image, landmarks) for landmarks in faces]
+        results.append(list(zip(faces, embeddings)))
+    return results
+
+
+def found_faces(frames, pool, workers, redetect_every, embed):
+    """(frame, [(landmarks, embedding)]) in order; each worker follows faces through a run of frames
+    (one detection, then tracking), ahead of the model."""
+    pending = deque()
+    for chunk in chunked(frames, redetect_every):
+        task = ([f.image for f in chunk], redetect_every, embed)
+        pending.append((chunk, pool.apply_async(track_chunk, (task,)) if pool else track_chunk(task)))
+        while len(pending) > (workers if pool else 0):  # every worker busy with a chunk
+            chunk, job = pending.popleft()
+            yield from zip(chunk, job.get() if pool else job)
+    while pending:
+        chunk, job = pending.popleft()
+        yield from zip(chunk, job.get() if pool else job)
+
+
+def chunked(iterable, n):
+    chunk = []
+    for item in iterable:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # ---------------------------------------------------------------- input and output
@@ -225,37 +320,6 @@ def selected_frames(source, args):
         if args.max_frames and frame.index >= args.start_frame + args.max_frames:
             break
         yield frame
-
-
-class FolderWriter:
-    """Writes PNGs named as the input images into a folder (the image-folder mode)."""
-
-    def __init__(self, folder):
-        self.folder = utils.ensure_writable_dir(folder)
-
-    def write(self, image, frame):
-        utils.write_image(self.folder / (Path(frame.name).stem + ".png"), image)
-
-    def close(self):
-        pass
-
-    def abort(self):
-        pass
-
-
-def check_output(args, folder_mode):
-    out = args.output_path
-    if folder_mode:
-        if out.exists() and (not out.is_dir() or utils.list_images(out)) and not args.overwrite:
-            raise utils.UserError(f"{out} already holds images; pass --overwrite or choose another --output-path")
-        return
-    if out.suffix.lower() != ".mp4":
-        raise utils.UserError(f"--output-path must end in .mp4 (got {out.name})")
-    if out.exists() and not args.overwrite:
-        raise utils.UserError(f"{out} exists; pass --overwrite or choose another --output-path")
-    if out.resolve() == args.video_path.resolve():
-        raise utils.UserError("--output-path is the input video; choose another path")
-    utils.ensure_writable_dir(out.parent)
 
 
 def threaded(iterable, depth=32):
@@ -278,10 +342,37 @@ def threaded(iterable, depth=32):
         raise error[0]
 
 
-SYNTHETIC_NOTE = "SYNTHETIC MEDIA: face swapped with a deepfake model (faceswap pipeline); not a real recording."
+class FolderWriter:
+    """Writes PNGs named as the input images into a folder (the image-folder mode).
+
+    They go to a hidden folder beside it first; close() moves them in (replacing files of the
+    same names), abort() removes them, so a failed run leaves the output as it was."""
+
+    def __init__(self, folder):
+        import shutil
+
+        self.folder = Path(folder)
+        self.tmp = self.folder.parent / f".{self.folder.name}{utils.TEMP_SUFFIX}"
+        shutil.rmtree(self.tmp, ignore_errors=True)  # left by an interrupted run (the output is locked)
+        self.tmp.mkdir()
+
+    def write(self, image, frame):
+        utils.write_image(self.tmp / (Path(frame.name).stem + ".png"), image)
+
+    def close(self):
+        self.folder.mkdir(exist_ok=True)
+        for path in self.tmp.iterdir():
+            os.replace(path, self.folder / path.name)
+        self.tmp.rmdir()
+
+    def abort(self):
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
 
 def bgr_to_frame(image):
-    """BGR uint8 -> PyAV yuv444p frame (see frame_to_bgr); the encoder subsamples it exactly."""
+    """BGR uint8 -> PyAV yuv444p frame (see utils.frame_to_bgr); the encoder subsamples it exactly."""
     import av
 
     return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24").reformat(format="yuv444p")
@@ -290,29 +381,30 @@ def bgr_to_frame(image):
 class VideoWriter:
     """H.264 MP4 through PyAV, optionally copying the audio of `audio_from`, labelled synthetic.
 
+    Each frame keeps its source timestamp (so a variable frame rate stays variable and the
+    copied audio in sync); rebase=True starts the video at 0 (for a part of the source).
     Writes to a temp file beside `path`; close() renames it into place, abort() removes it.
     """
 
-    def __init__(self, path, fps, width, height, audio_from=None, crf=18, metadata_note=SYNTHETIC_NOTE):
+    def __init__(self, path, fps, width, height, audio_from=None, crf=18, rebase=False,
+                 metadata_note=SYNTHETIC_NOTE):
         self.path = Path(path)
         fd, self.tmp = utils.temp_path(self.path, suffix=utils.TEMP_SUFFIX + ".mp4")
         os.close(fd)
         self.container, self.audio_in = None, None
+        self.fps, self.rebase, self.offset, self.last_pts, self.count = fps or 25.0, rebase, None, -1, 0
         try:
-            self._open(fps, width, height, audio_from, crf, metadata_note)
+            self._open(width, height, audio_from, crf, metadata_note)
         except BaseException:
             self.abort()  # no temp file left behind
             raise
-        self.count = 0
 
-    def _open(self, fps, width, height, audio_from, crf, metadata_note):
-        import fractions
-
+    def _open(self, width, height, audio_from, crf, metadata_note):
         import av
 
         self.container = av.open(str(self.tmp), "w", format="mp4")
-        rate = fractions.Fraction(fps).limit_denominator(1001) if fps else fractions.Fraction(25)
-        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.stream = self.container.add_stream("libx264", rate=fractions.Fraction(self.fps).limit_denominator(1001))
+        self.stream.codec_context.time_base = self.stream.time_base = TIME_BASE
         self.stream.width, self.stream.height = width, height
         # 4:2:0 needs even sizes; keep odd-sized inputs at their size with 4:4:4
         self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
@@ -328,9 +420,14 @@ class VideoWriter:
                 source.close()
 
     def write(self, image, source_frame=None):
+        seconds = getattr(source_frame, "time", None)
+        seconds = self.count / self.fps if seconds is None else seconds
+        if self.offset is None:
+            self.offset = seconds if self.rebase else 0.0
+        pts = max(round((seconds - self.offset) / TIME_BASE), self.last_pts + 1)  # strictly increasing
         frame = bgr_to_frame(image)
-        frame.pts = self.count
-        self.count += 1
+        frame.pts, frame.time_base = pts, TIME_BASE
+        self.last_pts, self.count = pts, self.count + 1
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
 
@@ -391,7 +488,7 @@ class BackgroundWriter:
         self.sink.close()
 
     def abort(self):
-        """Stop and leave nothing behind (the sink removes its temp file)."""
+        """Stop and leave nothing behind (the sink removes its temp files)."""
         self._stop()
         self.sink.abort()
 
@@ -399,48 +496,85 @@ class BackgroundWriter:
 # ---------------------------------------------------------------- the pipeline
 
 
+def check_paths(args):
+    """Refuse, before any work, an output that would destroy the input or clash with what is there."""
+    src, out = args.video_path, args.output_path
+    if not src.exists():
+        raise utils.UserError(f"video not found: {src}")
+    utils.ensure_writable_dir(out.parent)
+    if src.is_dir():
+        inside = out.resolve() == src.resolve() or src.resolve() in out.resolve().parents \
+            or out.resolve() in src.resolve().parents
+        if inside:
+            raise utils.UserError(f"--output-path {out} is, holds or lies inside the input folder {src}; "
+                                  "choose a folder outside it (the input is never overwritten)")
+        if out.exists() and not out.is_dir():
+            raise utils.UserError(f"--output-path {out} is a file; a folder input needs an output folder")
+        stems = {}
+        for image in utils.list_images(src):
+            stems.setdefault(image.stem, []).append(image.name)
+        clashes = [names for names in stems.values() if len(names) > 1]
+        if clashes:
+            raise utils.UserError(f"{src} holds images that would give the same output name: "
+                                  f"{', '.join(clashes[0])}{' and more' if len(clashes) > 1 else ''}")
+        if out.is_dir() and utils.list_images(out) and not args.overwrite:
+            raise utils.UserError(f"{out} already holds images; pass --overwrite or choose another --output-path")
+        return
+    if out.suffix.lower() != ".mp4":
+        raise utils.UserError(f"--output-path must end in .mp4 (got {out.name})")
+    if out.is_dir():
+        raise utils.UserError(f"--output-path {out} is a folder; give a file name ending in .mp4")
+    if out.exists() and not args.overwrite:
+        raise utils.UserError(f"{out} exists; pass --overwrite or choose another --output-path")
+    if out.resolve() == src.resolve():
+        raise utils.UserError("--output-path is the input video; choose another path")
+
+
 def run(args):
     utils.print_settings(args, "convert_video.py")
     if not 0 <= args.smooth < 1:
         raise utils.UserError("--smooth must be in [0, 1)")
-    if not args.video_path.exists():
-        raise utils.UserError(f"video not found: {args.video_path}")
+    check_paths(args)
     folder_mode = args.video_path.is_dir()
-    check_output(args, folder_mode)
+    with utils.locked(args.output_path.parent, target=args.output_path.name):
+        return convert(args, folder_mode)
+
+
+def convert(args, folder_mode):
     device = utils.pick_device(args.device)
-    model, step = models.load_model(args.model_dir / args.checkpoint)
-    model.to(device)
+    ckpt = models.load_checkpoint(args.model_dir / args.checkpoint)
+    model = models.model_from_checkpoint(ckpt).eval().to(device)
+    step = ckpt["step"]
     dtype = utils.pick_precision(args.precision, device)
     side = "b" if args.direction == "a2b" else "a"
     source = utils.FrameSource(args.video_path)
-    init = utils.detector_settings(args)
-    utils.init_worker_analyzer(*init)  # fail early on a bad landmarks model
+    settings = utils.detector_settings(args)
+    utils.FaceAnalyzer(*settings)  # a bad --landmarks-model fails before any work starts
+    reference, everywhere = person_to_swap(args, ckpt, side)
     print(f"model {model.config['name']} at step {step}, decoder {side.upper()}, {source.width}x{source.height} "
           f"{'images' if folder_mode else f'{source.fps:.3f} fps'} -> {args.output_path}")
-
     if folder_mode:
         sink = FolderWriter(args.output_path)
     else:
         out_w = source.width * 2 if args.side_by_side else source.width
         full_range = args.start_frame == 0 and not args.max_frames
         # audio only fits a full-length conversion
-        sink = VideoWriter(args.output_path, source.fps, out_w, source.height, crf=args.crf,
+        sink = VideoWriter(args.output_path, source.fps, out_w, source.height, crf=args.crf, rebase=not full_range,
                            audio_from=args.video_path if full_range else None)
     writer = BackgroundWriter(sink)
-    pool = mp.get_context("spawn").Pool(args.workers, utils.init_worker_analyzer, init) if args.workers > 1 else None
+    workers = utils.detection_workers(args.workers)
+    pool = utils.detection_pool(workers, settings)
+    embed = None if reference is None else "all" if everywhere else "several"
     n_frames = n_swapped = 0
-    previous = None  # the last frame's smoothed landmarks
+    smoother = Smoother(args.smooth)
     start = time.time()
     bar = tqdm(unit="frame", desc="converting")
     try:
-        frames = threaded(selected_frames(source, args))
-        for chunk in chunked(detected(frames, pool, max(args.batch_size, 8)), args.batch_size):
-            faces = []
-            for _, landmarks in chunk:
-                previous = None if landmarks is None else smooth_landmarks(previous, landmarks, args.smooth)
-                faces.append([] if previous is None else [previous])
-            originals = [frame.image for frame, _ in chunk]
-            results = swap_faces(model, originals, faces, side, args, device, dtype)
+        frames = found_faces(threaded(selected_frames(source, args)), pool, workers, args.redetect_every, embed)
+        for chunk in chunked(frames, args.batch_size):
+            faces = [smoother(choose_faces(found, reference, args.identity_threshold, everywhere))
+                     for _, found in chunk]
+            results = swap_faces(model, [frame.image for frame, _ in chunk], faces, side, args, device, dtype)
             for (frame, _), result, swapped in zip(chunk, results, faces):
                 if args.label:
                     result = draw_label(result.copy())
@@ -464,40 +598,24 @@ def run(args):
         if pool:
             pool.terminate()
     seconds = time.time() - start
+    problem = None if args.max_frames else source.shortfall_message()
+    if problem:
+        print(f"warning: {problem}; converted the {n_frames} frames that could be read")
     if not folder_mode:  # settings and counts beside the video, for provenance
         utils.write_json(args.output_path.with_suffix(".json"), dict(
-            utils.settings_dict(args), synthetic=SYNTHETIC_NOTE, model_step=step,
-            frames=n_frames, frames_swapped=n_swapped, seconds=round(seconds, 2)))
+            utils.settings_dict(args), synthetic=SYNTHETIC_NOTE, model_step=step, frames=n_frames,
+            frames_swapped=n_swapped, seconds=round(seconds, 2), source_complete=problem is None))
     print(f"{n_frames} frames ({n_swapped} with a swapped face, {n_frames - n_swapped} passed through) "
           f"in {seconds:.1f} s = {n_frames / seconds:.1f} frames/s -> {args.output_path}")
     return 0
 
 
-def detected(frames, pool, chunk_size):
-    """(frame, landmarks of its largest face or None), in order; detection runs one chunk ahead in the pool."""
-    pending = deque()
-    for chunk in chunked(frames, chunk_size):
-        pending.append((chunk, pool.map_async(analyze_frame, chunk) if pool else [analyze_frame(f) for f in chunk]))
-        if len(pending) > 1:  # this chunk's detection overlaps the model and blending of the last one
-            yield from finished(pending.popleft(), pool)
-    while pending:
-        yield from finished(pending.popleft(), pool)
-
-
-def finished(job, pool):
-    chunk, found = job
-    return zip(chunk, found.get() if pool else found)
-
-
-def chunked(iterable, n):
-    chunk = []
-    for item in iterable:
-        chunk.append(item)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def person_to_swap(args, ckpt, side):
+    """(reference embeddings or None, whether the reference decides in every frame)."""
+    if args.reference:
+        return utils.reference_embeddings(args.reference, "reference", utils.detector_settings(args)), True
+    trained = ckpt.get("identities", {}).get("a" if side == "b" else "b")  # the person whose video this is
+    return (np.array(trained)[None], False) if trained is not None else (None, False)
 
 
 def main(argv=None):

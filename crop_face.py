@@ -186,31 +186,6 @@ def save_record(faces_dir, identity, args, done):
 # ---------------------------------------------------------------- who is kept
 
 
-def reference_embeddings(paths, what):
-    """Embeddings of the largest face in each photo (or aligned face) of a list."""
-    analyzer, embedder = utils.FaceAnalyzer(), utils.FaceEmbedder()
-    found = []
-    for path in paths:
-        image = utils.read_image(utils.require_file(path, f"{what} image"))
-        if image is None:
-            raise utils.UserError(f"cannot read {what} image {path}")
-        for candidate in (image, padded(image)):  # an aligned face fills its image: the detector needs a margin
-            faces = analyzer.analyze(candidate)
-            if faces:
-                found.append(embedder.embed(candidate, faces[0][1]))
-                break
-        else:
-            raise utils.UserError(f"no face found in {what} image {path}")
-    return np.array(found)
-
-
-def padded(image):
-    import cv2
-
-    pad = image.shape[0] // 2
-    return cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-
-
 def choose_person(faces, references, excludes, threshold, quiet=False):
     """{face name: distance to the kept person} and the people found: [(frames, sample face, centroid)].
 
@@ -324,23 +299,22 @@ def run(args):
 def crop(args, frames, faces_dir):
     settings = utils.detector_settings(args)
     utils.FaceAnalyzer(*settings)  # a bad --landmarks-model fails before any work starts
-    references = reference_embeddings(args.reference, "reference") if args.reference else None
-    excludes = reference_embeddings(args.exclude, "exclude") if args.exclude else None
+    references = utils.reference_embeddings(args.reference, "reference", settings) if args.reference else None
+    excludes = utils.reference_embeddings(args.exclude, "exclude", settings) if args.exclude else None
     meta = args.images_dir / "frames.json"
     if meta.is_file() and utils.read_json(meta).get("complete") is False:
         print(f"warning: {args.images_dir} holds an incomplete extraction (interrupted, still running, or "
               "a damaged video); the frames there are used")
     identity = run_identity(args)
     done = load_previous(faces_dir, identity, frames, args.overwrite)
+    save_record(faces_dir, identity, args, done)  # from the first moment: a killed run can always be resumed
     notice_hand_moves(faces_dir, done)
     todo = [p for p in frames if p.name not in done]
     if done:
         print(f"resuming: {len(done)} frames already processed, {len(todo)} to go")
     unreadable = []
     tasks = [(todo[i:i + CHUNK], faces_dir, args.size, args.redetect_every) for i in range(0, len(todo), CHUNK)]
-    pool = utils.detection_pool(min(args.workers, len(tasks)) if tasks else 1, settings)
-    if pool is None:
-        utils.init_worker_analyzer(*settings)
+    pool = utils.detection_pool(utils.detection_workers(min(args.workers, max(1, len(tasks)))), settings)
     last_save = time.time()
     try:
         stream = pool.imap(process_chunk, tasks) if pool else map(process_chunk, tasks)
@@ -384,7 +358,8 @@ def identify(faces, faces_dir, references, excludes, args):
     missing = [r for r in faces if "embedding" not in r]
     if missing:
         tasks = [(face_path(faces_dir, r), r["landmarks"], r["matrix"]) for r in missing]
-        pool = utils.detection_pool(args.workers, utils.detector_settings(args)) if len(tasks) > 8 else None
+        workers = utils.detection_workers(args.workers) if len(tasks) > 8 else 1
+        pool = utils.detection_pool(workers, utils.detector_settings(args))
         try:
             stream = pool.imap(embed_face, tasks, chunksize=4) if pool else map(embed_face, tasks)
             for r, embedding in zip(missing, tqdm(stream, total=len(tasks), unit="face", desc="identities")):

@@ -111,11 +111,15 @@ def extract(args, source, save_dir):
         utils.write_json(save_dir / META_NAME, meta)
 
     reached_end = False  # the selection ended (--end, --max-frames) before the video did
-    first_wanted = None
+    first_wanted = first_time = None
     with tqdm(total=source.expected, unit="frame", desc="reading") as bar:
         for frame in source:
             bar.update(1)
-            t = frame.time if frame.time is not None else frame.index / (source.fps or 25)
+            if frame.time is None:
+                t = frame.index / (source.fps or 25)
+            else:  # seconds from the first frame
+                first_time = frame.time if first_time is None else first_time
+                t = frame.time - first_time
             if args.end and t >= args.end - 1e-6:
                 reached_end = True
                 break

@@ -55,6 +55,7 @@ SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
 MIN_FACES_WARNING = 200               # fewer faces per side than this gives a warning
+IDENTITY_FACES = 40                   # faces per side whose mean embedding the checkpoint records
 
 
 def parse_args(argv=None):
@@ -259,10 +260,11 @@ def save_checkpoint(model_dir, state, is_best):
         utils.write_bytes_atomic(Path(model_dir) / models.BEST_CHECKPOINT, data)
 
 
-def checkpoint_state(model, optimizer, step, best_loss, seed):
-    """What a checkpoint holds: weights, optimizer, step and the model's config (convert_video.py needs only that)."""
+def checkpoint_state(model, optimizer, step, best_loss, seed, identities=None):
+    """What a checkpoint holds: weights, optimizer, step and the model's config (convert_video.py needs only
+    that), and A's and B's face-recognition identity (convert_video.py tells the person apart with it)."""
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=model.config,
-                best_loss=best_loss, seed=seed)
+                best_loss=best_loss, seed=seed, identities=identities)
 
 
 def mean_loss_improved(window, best_loss):
@@ -389,22 +391,34 @@ def init_from(model, path, quiet):
         print(f"starting from the weights of {path} (step {base['step']})")
 
 
-def load_training_faces(folders, quiet):
-    """(N, 256, 256, 4) uint8: each face's BGR and the loss's region weights (from its landmarks)."""
+def load_training_faces(folders, quiet, identity=False):
+    """(N, 256, 256, 4) uint8: each face's BGR and the loss's region weights (from its landmarks);
+    with identity=True also the person's mean face-recognition embedding (None if no face has landmarks)."""
     faces, landmarks = utils.load_faces(folders, quiet=quiet)
     weights = np.stack([region_weights(points) for points in landmarks])
-    return np.concatenate([faces, weights[..., None]], axis=-1)
+    faces4 = np.concatenate([faces, weights[..., None]], axis=-1)
+    if not identity:
+        return faces4
+    known = [i for i in range(len(faces)) if np.isfinite(landmarks[i]).all()]
+    picks = [known[i] for i in np.linspace(0, len(known) - 1, min(IDENTITY_FACES, len(known))).astype(int)]
+    if not picks:
+        return faces4, None
+    embedder = utils.FaceEmbedder()
+    return faces4, np.mean([embedder.embed(faces[i], landmarks[i]) for i in picks], 0).round(5).tolist()
 
 
 def load_both_sides(args, quiet):
-    faces_a, faces_b = load_training_faces(args.faces_a, quiet), load_training_faces(args.faces_b, quiet)
+    """Faces of A and B, and their identities ({"a": embedding, "b": embedding}; None for a base)."""
+    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(f, quiet, identity=True) for f in (args.faces_a,
+                                                                                            args.faces_b))
+    identities = None if args.pretrain else dict(a=id_a, b=id_b)
     if args.pretrain:  # a base: both decoders see everyone
         faces_a = faces_b = np.concatenate([faces_a, faces_b])
     for name, faces in (("A", faces_a), ("B", faces_b)):
         if len(faces) < MIN_FACES_WARNING and not quiet:
             print(f"warning: only {len(faces)} faces of person {name}; a few hundred or more per side "
                   "give a much better swap")
-    return faces_a, faces_b
+    return faces_a, faces_b, identities
 
 
 def warp_until(args, start_step):
@@ -414,17 +428,35 @@ def warp_until(args, start_step):
     return max(start_step if args.no_warp_last >= 1 else 0, round((1 - args.no_warp_last) * args.iterations))
 
 
+def cut_log(path, step):
+    """Drop log.csv rows past the checkpoint being resumed (a killed run logged steps it never saved)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) < len(rows):
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(kept)
+        utils.write_bytes_atomic(path, buffer.getvalue().encode())
+
+
 def learning_rate(args, step):
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
 
 
 def run(args):
     rank, world, device = setup_distributed(args.device)
+    if rank != 0:
+        return train(args, rank, world, device)
+    utils.print_settings(args, "train.py")
+    with utils.locked(utils.ensure_writable_dir(args.model_dir)):  # and stale temp files of a killed run go
+        return train(args, rank, world, device)
+
+
+def train(args, rank, world, device):
     main_rank = rank == 0
-    if main_rank:
-        utils.print_settings(args, "train.py")
-        utils.ensure_writable_dir(args.model_dir)
-    faces_a, faces_b = load_both_sides(args, quiet=not main_rank)
+    faces_a, faces_b, identities = load_both_sides(args, quiet=not main_rank)
     model, optimizer, step, best_loss = prepare(args, device, quiet=not main_rank)
     dtype = utils.pick_precision(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -450,6 +482,8 @@ def run(args):
         return 0
 
     log_path = args.model_dir / "log.csv"
+    if main_rank:
+        cut_log(log_path, step)
     new_log = not log_path.exists()
     log_file = open(log_path, "a", newline="") if main_rank else None
     log = csv.writer(log_file) if log_file else None
@@ -499,8 +533,8 @@ def run(args):
             if step % args.save_every == 0 or done or out_of_time:
                 best_loss, is_best = mean_loss_improved(window, best_loss)
                 if main_rank:
-                    save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed),
-                                    is_best)
+                    save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed,
+                                                                     identities), is_best)
                 saved_step = step
             if done or out_of_time:
                 stop_reason = stop_reason if done else f"{args.minutes:g} minutes reached"
@@ -509,7 +543,8 @@ def run(args):
         stop_reason = "interrupted (Ctrl-C)"
         best_loss, is_best = mean_loss_improved(window, best_loss)
         if main_rank:
-            save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed), is_best)
+            save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed, identities),
+                            is_best)
     finally:
         bar.close()
         if log_file:

@@ -369,11 +369,15 @@ def worker_analyzer():
     return _worker_analyzer
 
 
+def detection_workers(requested):
+    """How many detection processes to start: no more than asked, than the cores, or than free memory holds."""
+    return max(1, min(requested, os.cpu_count() or 1, available_memory_mb() // WORKER_MEMORY_MB))
+
+
 def detection_pool(workers, settings):
-    """A pool of `workers` detection processes (None for 1: detect in this process), never more than the
-    cores or than the free memory holds."""
-    workers = max(1, min(workers, os.cpu_count() or 1, available_memory_mb() // WORKER_MEMORY_MB))
-    if workers == 1:
+    """A pool of `workers` detection processes, or None for 1 (this process detects; its models are loaded)."""
+    if workers <= 1:
+        init_worker_analyzer(*settings)
         return None
     import multiprocessing as mp
 
@@ -414,7 +418,7 @@ class FaceTracker:
         self.reset()
 
     def reset(self):
-        self.faces, self.thumb, self.since = [], None, 0
+        self.faces, self.thumb, self.since, self.detected = [], None, 0, False
 
     def __call__(self, image):
         """[(box, landmarks (68, 2))] of the faces in this frame, largest first."""
@@ -429,11 +433,11 @@ class FaceTracker:
             found = self.analyzer.analyze(gray, self.all_faces)
             self.faces = [dict(landmarks=landmarks, detected=(box, landmarks), crop=_crop(gray, landmarks))
                           for box, landmarks in found]
-            self.since, self.detections = 1, self.detections + 1
+            self.since, self.detections, self.detected = 1, self.detections + 1, True
             return found
         for face, (_, landmarks) in zip(self.faces, tracked):
             face["landmarks"] = landmarks
-        self.since, self.tracked = self.since + 1, self.tracked + 1
+        self.since, self.tracked, self.detected = self.since + 1, self.tracked + 1, False
         return sorted(tracked, key=lambda f: -(f[0][2] - f[0][0]) * (f[0][3] - f[0][1]))
 
     def _follow(self, gray):
@@ -493,6 +497,25 @@ class FaceEmbedder:
         r, b = np.max(landmarks, 0)
         shape = self._dlib.full_object_detection(self._dlib.rectangle(int(l), int(t), int(r), int(b)), pts)
         return np.array(self.net.compute_face_descriptor(np.ascontiguousarray(image[..., ::-1]), shape))
+
+
+def reference_embeddings(paths, what="reference", settings=()):
+    """(K, 128) embeddings of the largest face in each photo or aligned face of `paths`; UserError if none."""
+    analyzer, embedder = FaceAnalyzer(*settings), FaceEmbedder()
+    found = []
+    for path in paths:
+        image = read_image(require_file(path, f"{what} image"))
+        if image is None:
+            raise UserError(f"cannot read {what} image {path}")
+        pad = image.shape[0] // 2  # an aligned face fills its image: the detector needs a margin around it
+        for candidate in (image, cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)):
+            faces = analyzer.analyze(candidate)
+            if faces:
+                found.append(embedder.embed(candidate, faces[0][1]))
+                break
+        else:
+            raise UserError(f"no face found in {what} image {path}")
+    return np.array(found)
 
 
 def clamp_box(box, width, height):
@@ -774,8 +797,8 @@ def ssim(x, y, window=11, sigma=1.5, mask=None):
 # ---------------------------------------------------------------- reading videos and image folders
 
 Frame = collections.namedtuple("Frame", "index name time image")
-Frame.__doc__ = """One input frame: its index, its file name (image folders) or None, its time in seconds
-(videos; None for folders) and the BGR uint8 image, upright."""
+Frame.__doc__ = """One input frame: its index, its file name (image folders) or None, its presentation time
+in seconds (videos, as the file has it; None for folders) and the BGR uint8 image, upright."""
 
 _ROTATE = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, -90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180,
            -180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE, -270: cv2.ROTATE_90_COUNTERCLOCKWISE}
@@ -846,7 +869,6 @@ class FrameSource:
         with av.open(str(self.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            start = None
             frames = container.decode(stream)
             while True:
                 try:
@@ -856,15 +878,11 @@ class FrameSource:
                 except (av.FFmpegError, OSError) as e:
                     self.error = f"decoding stopped after frame {self.count}: {e}"
                     break
-                seconds = frame.time
-                if seconds is not None:
-                    start = seconds if start is None else start
-                    seconds -= start
                 image = frame_to_bgr(frame)
                 if self.rotation in _ROTATE:
                     image = cv2.rotate(image, _ROTATE[self.rotation])
                 self.count += 1
-                yield Frame(self.count - 1, None, seconds, image)
+                yield Frame(self.count - 1, None, frame.time, image)
 
     @property
     def complete(self):

@@ -50,8 +50,12 @@ def andrew_faces(tmp_path_factory):
     return frames_and_faces(tmp_path_factory.mktemp("andrew"), ANDREW)
 
 
-def make_clip(path, frames, fps=30, audio_seconds=None):
-    """Write BGR frames as an H.264 MP4 (near-lossless), with a 440 Hz AAC tone if audio_seconds is given."""
+def make_clip(path, frames, fps=30, audio_seconds=None, rotation=0, times=None, faststart=False):
+    """Write BGR frames as an H.264 MP4 (near-lossless), with a 440 Hz AAC tone if audio_seconds is given.
+
+    rotation: a display rotation (degrees counter-clockwise, as phones record; the frames are stored
+    as given); times: each frame's timestamp in seconds (a variable frame rate); faststart: the index
+    at the front of the file (so a cut file still announces every frame)."""
     import fractions
 
     import av
@@ -59,14 +63,22 @@ def make_clip(path, frames, fps=30, audio_seconds=None):
 
     import convert_video
 
-    with av.open(str(path), "w") as out:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as out:
         video = out.add_stream("libx264", rate=fractions.Fraction(fps))
         video.height, video.width = frames[0].shape[:2]
         video.pix_fmt, video.options = "yuv444p", {"crf": "0"}
+        if times is not None:
+            video.codec_context.time_base = video.time_base = fractions.Fraction(1, 90000)
+        if rotation:
+            video.set_display_rotation(rotation)
         audio = out.add_stream("aac", rate=16000) if audio_seconds else None
         for i, f in enumerate(frames):
             frame = convert_video.bgr_to_frame(f)
-            frame.pts = i
+            if times is None:
+                frame.pts = i
+            else:
+                frame.pts, frame.time_base = round(times[i] * 90000), fractions.Fraction(1, 90000)
             out.mux(video.encode(frame))
         out.mux(video.encode())
         if audio:
