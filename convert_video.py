@@ -270,15 +270,13 @@ def track_chunk(task):
     "several" faces, or None), once per face per detection and carried along while it is followed."""
     images, redetect_every, embed = task
     tracker = utils.FaceTracker(utils.worker_analyzer(), redetect_every, all_faces=True)
-    embedder = track_chunk.embedder = getattr(track_chunk, "embedder", None) or (utils.FaceEmbedder() if embed
-                                                                                 else None)
     results, embeddings = [], []
     for image in images:
         faces = [landmarks for _, landmarks in tracker(image)]
         if not embed or (embed == "several" and len(faces) < 2):
             embeddings = [None] * len(faces)
         elif tracker.detected or len(embeddings) != len(faces) or None in embeddings:
-            embeddings = [embedder.embed(image, landmarks) for landmarks in faces]
+            embeddings = [utils.worker_embedder().embed(image, landmarks) for landmarks in faces]
         results.append(list(zip(faces, embeddings)))
     return results
 

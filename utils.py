@@ -369,6 +369,16 @@ def worker_analyzer():
     return _worker_analyzer
 
 
+_worker_embedder = None
+
+
+def worker_embedder():
+    """The face-recognition model of this process, loaded on first use."""
+    global _worker_embedder
+    _worker_embedder = _worker_embedder or FaceEmbedder()
+    return _worker_embedder
+
+
 def detection_workers(requested):
     """How many detection processes to start: no more than asked, than the cores, or than free memory holds."""
     return max(1, min(requested, os.cpu_count() or 1, available_memory_mb() // WORKER_MEMORY_MB))
