@@ -409,8 +409,9 @@ def load_training_faces(folders, quiet, identity=False):
 
 def load_both_sides(args, quiet):
     """Faces of A and B, and their identities ({"a": embedding, "b": embedding}; None for a base)."""
-    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(f, quiet, identity=True) for f in (args.faces_a,
-                                                                                            args.faces_b))
+    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(f, quiet, identity=not args.pretrain)
+                                        if not args.pretrain else (load_training_faces(f, quiet), None)
+                                        for f in (args.faces_a, args.faces_b))
     identities = None if args.pretrain else dict(a=id_a, b=id_b)
     if args.pretrain:  # a base: both decoders see everyone
         faces_a = faces_b = np.concatenate([faces_a, faces_b])

@@ -1,0 +1,86 @@
+"""Train the pretrained base: the lite128 model on the faces of many people, so a new pair starts from it.
+
+Faces come from every clip of ../shared/data except the people the quality benchmark measures (Obama,
+Andrew Ng, the MEAD actors, Ocasio-Cortez, Katie Hill), so that benchmark measures pairs the base has
+never seen, and except the MEAD clips, whose licence is research-only. Both decoders learn every face
+(train.py --pretrain); the result, weights only in half precision, is written to --out with a model card.
+
+    python benchmarks/make_base.py --iterations 6000 --out base/lite128_base.pt
+"""
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from common import ROOT, VIDEOS, require_data
+
+import crop_face
+import crop_from_video
+import models
+import train
+import utils
+
+BASE_CLIPS = {  # clip -> its source and licence, for the model card
+    "styletalk_reagan_clip1.mp4": "FuxiVirtualHuman/styletalk, MIT (code licence; clip third-party)",
+    **{f"liveportrait_driving_{k}.mp4": "KwaiVGI/LivePortrait, MIT (code licence; media third-party)"
+       for k in ("d0", "d6", "d9", "d10", "d11", "d12", "d13", "d14", "d20")},
+    **{f"retalking_face_{k}.mp4": "OpenTalker/video-retalking, Apache-2.0 (code licence; clips third-party)"
+       for k in ("1", "2", "5")},
+    "dlib_elon-musk-smoke.gif": "davisking/dlib, BSL-1.0 (media third-party)",
+    "facerec_short_hamilton_clip.mp4": "ageitgey/face_recognition, MIT (code licence; clip third-party)",
+}
+RECIPE = ["--model", "lite128", "--loss", "masked", "--batch-size", "16", "--lr", "2e-4", "--warmup", "200"]
+
+
+def extract(work):
+    folders = []
+    for clip in BASE_CLIPS:
+        frames, faces = work / "frames" / Path(clip).stem, work / "faces" / Path(clip).stem
+        crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(frames)])
+        crop_face.main(["--images-dir", str(frames), "--faces-dir", str(faces), "--all-faces"])
+        folders.append(faces)
+    return folders
+
+
+def export(model_dir, out, iterations):
+    """Weights only, in half precision (a base needs no optimizer state), with a model card beside it."""
+    ckpt = models.load_checkpoint(model_dir / models.CHECKPOINT)
+    state = dict(model={k: v.half() for k, v in ckpt["model"].items()}, config=ckpt["config"], step=ckpt["step"],
+                 base_of=sorted(BASE_CLIPS))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train.save_checkpoint(out.parent, state, is_best=False)
+    (out.parent / models.CHECKPOINT).replace(out)
+    faces = sum(len(utils.list_images(p)) for p in (model_dir.parent / "faces").iterdir())
+    card = [f"# {out.name}: a pretrained base for the `lite128` preset", "",
+            f"Trained with `python benchmarks/make_base.py --iterations {iterations}` "
+            f"(train.py --pretrain {' '.join(RECIPE)}) for {ckpt['step']} steps of 16 + 16 faces on a 2-core CPU.",
+            f"Start a new pair from it with `train.py --model lite128 --init {out}`.", "",
+            f"Data: {faces} aligned faces of {len(BASE_CLIPS)} clips of ../shared/data (about 20 people); none "
+            "of the people the quality benchmark measures, no MEAD clip (research-only licence):", ""]
+    card += [f"- `{clip}`: {source}" for clip, source in BASE_CLIPS.items()]
+    card += ["", "Licence: the clips are third-party media distributed in the repositories above under those "
+             "repositories' licences; no separate media licence is known. Use the base, as the rest of this "
+             "project, for consented and lawful work (research, education, your own face) only.", ""]
+    out.with_suffix(".md").write_text("\n".join(card))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and {out.with_suffix('.md')}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iterations", type=int, default=6000, help="training steps")
+    p.add_argument("--work", type=Path, default=ROOT / "bench_out" / "base", help="frames, faces and the run")
+    p.add_argument("--out", type=Path, default=ROOT / "base" / "lite128_base.pt", help="the exported base")
+    a = p.parse_args(argv)
+    require_data()
+    folders = extract(a.work)
+    model_dir = a.work / "model"
+    half = len(folders) // 2  # --pretrain pools both sides: every face is drawn for both decoders
+    train.main(["--faces-a", *map(str, folders[:half]), "--faces-b", *map(str, folders[half:]), "--pretrain",
+                "--model-dir", str(model_dir), "--iterations", str(a.iterations), "--save-every", "250",
+                "--preview-every", "250", *RECIPE])
+    export(model_dir, a.out, a.iterations)
+    shutil.rmtree(a.work / "frames", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
