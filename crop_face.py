@@ -52,7 +52,8 @@ WORKERS = max(1, (os.cpu_count() or 1))  # detection processes
 IDENTITY_THRESHOLD = 0.6                # face-recognition distance under which a face is the reference person
 BLUR_THRESHOLD = 0.25                   # reject faces less sharp than this share of the run's median face
 MAX_FIT_ERROR = 0.07                    # reject faces whose landmarks fit the mean face worse than this
-CHUNK = 32                              # consecutive frames per task (faces are followed within a task)
+CHUNK = 64                              # consecutive frames per task (faces are followed within a task)
+AMBIGUOUS = (0.75, 1.5)                 # carried identities this far (x threshold) from the person are re-measured
 SAVE_SECONDS = 5                        # alignments.json is rewritten this often
 REJECTED, PEOPLE = "rejected", "people"  # subfolders of FACES_DIR
 
@@ -102,27 +103,43 @@ def process_chunk(task):
             continue
         records = []
         found = tracker(image)
-        if embed_every or tracker.detected or len(identities) != len(found):
-            identities = [(utils.worker_embedder().embed(image, landmarks).round(5).tolist(), path.name)
-                          for _, landmarks in found]
-        for k, ((box, landmarks), (embedding, measured_on)) in enumerate(zip(found, identities)):
+        identities = carried_identities(image, path.name, found, identities, embed_every)
+        for k, ((box, landmarks), (embedding, measured_on, _)) in enumerate(zip(found, identities)):
             matrix = utils.align_matrix(landmarks, size)
             face = utils.warp_face(image, matrix, size)
             face_name = f"{path.stem}_{k}.png"
             utils.write_image(Path(faces_dir) / face_name, face)
             yaw, pitch, _ = utils.head_pose(landmarks, image.shape)
+            in_face = utils.transform_points(landmarks, matrix)
+            interior = utils.face_interior_mask(in_face, face.shape)
             records.append(dict(
                 frame=path.name, face=face_name, box=[round(v, 2) for v in box],
                 landmarks=landmarks.round(2).tolist(), matrix=matrix.round(6).tolist(),
-                sharpness=round(utils.sharpness(face, utils.transform_points(landmarks, matrix)), 2),
-                weakest_direction=round(weakest_direction(face, utils.transform_points(landmarks, matrix)), 2),
+                sharpness=round(utils.sharpness(face, in_face, interior), 2),
+                weakest_direction=round(weakest_direction(face, interior), 2),
                 yaw=round(yaw, 1), pitch=round(pitch, 1), fit_error=round(utils.alignment_residual(landmarks), 4),
                 embedding=embedding, embedding_of=measured_on))
         results.append((path.name, stat, records))
     return results
 
 
-def weakest_direction(face, landmarks):
+def carried_identities(image, frame, found, previous, every):
+    """[(embedding, frame it was measured on, landmarks)] for this frame's faces.
+
+    A face near one of the last frame's faces (followed, or found again where it was) carries that
+    face's identity; a new face is measured (every face, with every=True)."""
+    out = []
+    for _, landmarks in found:
+        near = [p for p in previous if np.linalg.norm(p[2].mean(0) - landmarks.mean(0)) <
+                0.5 * utils.inter_ocular(landmarks)]
+        if near and not every:
+            out.append((near[0][0], near[0][1], landmarks))
+        else:
+            out.append((utils.worker_embedder().embed(image, landmarks).round(5).tolist(), frame, landmarks))
+    return out
+
+
+def weakest_direction(face, interior):
     """Second-derivative energy inside the face along its weakest of four directions (0, 45, 90, 135 deg).
 
     Motion blur wipes out detail along one direction only; the Laplacian (the sum over directions)
@@ -130,7 +147,7 @@ def weakest_direction(face, landmarks):
     copies kept 19-60 % of the clip's median Laplacian variance, this measure 12-13 %, against >= 46 %
     for every face of the clip itself)."""
     gray = cv2.cvtColor(face, cv2.COLOR_BGR2GRAY).astype(np.float64)
-    inside = utils.face_interior_mask(landmarks, gray.shape) > 0.5
+    inside = interior > 0.5
     diagonal = np.array([[1, 0, 0], [0, -2, 0], [0, 0, 1]], np.float64)
     kernels = (np.array([[1, -2, 1]], np.float64), np.array([[1], [-2], [1]], np.float64), diagonal, diagonal[:, ::-1])
     return min(float(cv2.filter2D(gray, -1, k)[inside].var()) for k in kernels)
@@ -210,32 +227,34 @@ def save_record(faces_dir, identity, args, done):
 # ---------------------------------------------------------------- who is kept
 
 
-def choose_person(faces, references, excludes, threshold, quiet=False):
-    """{face name: distance to the kept person} and the people found: [(frames, sample face, centroid)].
+def choose_person(faces, references, excludes, threshold):
+    """({face name: distance to the person} of the person's faces, {face name: distance} of all, the people
+    found: [(frames, sample face, centroid, total face area)], most frames first; empty with references).
 
     With references: faces within `threshold` of the nearest reference and not nearer an excluded
-    person. Without: the embeddings are clustered (dlib's Chinese whispers) and the cluster seen in
-    the most frames is the person."""
+    person. Without: the embeddings are clustered (dlib's Chinese whispers) and the cluster seen in the
+    most frames is the person: its faces, and any face within `threshold` of its centre."""
     import dlib
 
     names = [r["face"] for r in faces]
     vectors = np.array([r["embedding"] for r in faces])
-    people = []
+    people, member = [], np.zeros(len(faces), bool)
     if references is None:
-        labels = dlib.chinese_whispers_clustering([dlib.vector(v) for v in vectors], 0.5)
-        for label in set(labels):
-            members = [i for i, k in enumerate(labels) if k == label]
+        labels = np.array(dlib.chinese_whispers_clustering([dlib.vector(v) for v in vectors], 0.5))
+        for label in set(labels.tolist()):
+            members = np.flatnonzero(labels == label)
             frames = len({faces[i]["frame"] for i in members})
             area = sum(face_area(faces[i]) for i in members)
-            people.append((frames, names[members[0]], vectors[members].mean(0), area))
+            people.append((frames, names[members[0]], vectors[members].mean(0), area, label))
         people.sort(key=lambda p: (-p[0], -p[3]))  # the most frames; then the larger faces
-        references = people[0][2][None]
+        references, member = people[0][2][None], labels == people[0][4]
+        people = [p[:4] for p in people]
     distance = np.linalg.norm(vectors[:, None] - references[None], axis=2).min(1)
-    keep = distance < threshold
+    keep = member | (distance < threshold)
     if excludes is not None and len(excludes):
         keep &= np.linalg.norm(vectors[:, None] - excludes[None], axis=2).min(1) >= distance
-    return {n: round(float(d), 4) for n, d, k in zip(names, distance, keep) if k}, \
-        {n: round(float(d), 4) for n, d in zip(names, distance)}, people
+    return ({n: round(float(d), 4) for n, d, k in zip(names, distance, keep) if k},
+            {n: round(float(d), 4) for n, d in zip(names, distance)}, people)
 
 
 def face_area(record):
@@ -323,7 +342,6 @@ def run(args):
 
 def crop(args, frames, faces_dir):
     settings = utils.detector_settings(args)
-    utils.FaceAnalyzer(*settings)  # a bad --landmarks-model fails before any work starts
     references = utils.reference_embeddings(args.reference, "reference", settings) if args.reference else None
     excludes = utils.reference_embeddings(args.exclude, "exclude", settings) if args.exclude else None
     meta = args.images_dir / "frames.json"
@@ -380,22 +398,39 @@ def crop(args, frames, faces_dir):
 
 
 def identify(faces, faces_dir, references, excludes, args):
-    """Measure the identity of faces that lack one (with --reference: of every face itself) and choose the person."""
-    missing = [r for r in faces if r.get("embedding") is None
-               or (references is not None and r.get("embedding_of") != r["frame"])]
-    if missing:
-        tasks = [(face_path(faces_dir, r), r["landmarks"], r["matrix"]) for r in missing]
-        workers = utils.detection_workers(args.workers) if len(tasks) > 8 else 1
-        pool = utils.detection_pool(workers, utils.detector_settings(args))
-        try:
-            stream = pool.imap(embed_face, tasks, chunksize=4) if pool else map(embed_face, tasks)
-            for r, embedding in zip(missing, tqdm(stream, total=len(tasks), unit="face", desc="identities")):
-                r["embedding"], r["embedding_of"] = embedding, r["frame"]
-        finally:
-            if pool:
-                pool.terminate()
+    """Choose the person's faces: ({face: distance} of the person, {face: distance} of all, people found).
+
+    Faces without an identity get one (with --reference, every face its own). Without a reference,
+    faces whose identity was carried along a track and lies near the line between the person and the
+    others (AMBIGUOUS) are measured themselves and the choice is made again: one poor measurement at
+    the start of a track must not decide for all its frames."""
+    measure(faces_dir, [r for r in faces if r.get("embedding") is None
+                        or (references is not None and r.get("embedding_of") != r["frame"])], args)
     usable = [r for r in faces if r.get("embedding") is not None]
-    return choose_person(usable, references, excludes, args.identity_threshold)
+    person, distances, people = choose_person(usable, references, excludes, args.identity_threshold)
+    if references is None:
+        low, high = AMBIGUOUS[0] * args.identity_threshold, AMBIGUOUS[1] * args.identity_threshold
+        unsure = [r for r in usable if r.get("embedding_of") != r["frame"] and low < distances[r["face"]] < high]
+        if unsure:
+            measure(faces_dir, unsure, args)
+            person, distances, people = choose_person(usable, None, excludes, args.identity_threshold)
+    return person, distances, people
+
+
+def measure(faces_dir, records, args):
+    """Give each record its own face's identity (from the saved aligned face, in the pool)."""
+    if not records:
+        return
+    tasks = [(face_path(faces_dir, r), r["landmarks"], r["matrix"]) for r in records]
+    workers = utils.detection_workers(args.workers) if len(tasks) > 8 else 1
+    pool = utils.detection_pool(workers, utils.detector_settings(args))
+    try:
+        stream = pool.imap(embed_face, tasks, chunksize=4) if pool else map(embed_face, tasks)
+        for r, embedding in zip(records, tqdm(stream, total=len(tasks), unit="face", desc="identities")):
+            r["embedding"], r["embedding_of"] = embedding, r["frame"]
+    finally:
+        if pool:
+            pool.terminate()
 
 
 def face_path(faces_dir, record):

@@ -392,26 +392,28 @@ def init_from(model, path, quiet):
 
 
 def load_training_faces(folders, quiet, identity=False):
-    """(N, 256, 256, 4) uint8: each face's BGR and the loss's region weights (from its landmarks);
-    with identity=True also the person's mean face-recognition embedding (None if no face has landmarks)."""
+    """(faces, identity): (N, 256, 256, 4) uint8, each face's BGR and the loss's region weights (from its
+    landmarks), and with identity=True the person's mean face-recognition embedding (else None)."""
     faces, landmarks = utils.load_faces(folders, quiet=quiet)
     weights = np.stack([region_weights(points) for points in landmarks])
-    faces4 = np.concatenate([faces, weights[..., None]], axis=-1)
-    if not identity:
-        return faces4
+    return (np.concatenate([faces, weights[..., None]], axis=-1),
+            person_identity(faces, landmarks) if identity else None)
+
+
+def person_identity(faces, landmarks):
+    """The mean face-recognition embedding of up to IDENTITY_FACES faces of a person (None without landmarks)."""
     known = [i for i in range(len(faces)) if np.isfinite(landmarks[i]).all()]
     picks = [known[i] for i in np.linspace(0, len(known) - 1, min(IDENTITY_FACES, len(known))).astype(int)]
     if not picks:
-        return faces4, None
+        return None
     embedder = utils.FaceEmbedder()
-    return faces4, np.mean([embedder.embed(faces[i], landmarks[i]) for i in picks], 0).round(5).tolist()
+    return np.mean([embedder.embed(faces[i], landmarks[i]) for i in picks], 0).round(5).tolist()
 
 
 def load_both_sides(args, quiet):
     """Faces of A and B, and their identities ({"a": embedding, "b": embedding}; None for a base)."""
-    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(f, quiet, identity=not args.pretrain)
-                                        if not args.pretrain else (load_training_faces(f, quiet), None)
-                                        for f in (args.faces_a, args.faces_b))
+    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(folders, quiet, identity=not args.pretrain)
+                                        for folders in (args.faces_a, args.faces_b))
     identities = None if args.pretrain else dict(a=id_a, b=id_b)
     if args.pretrain:  # a base: both decoders see everyone
         faces_a = faces_b = np.concatenate([faces_a, faces_b])

@@ -357,15 +357,26 @@ def init_worker_analyzer(detector, landmarks_model, detect_size, upsample):
     _worker_analyzer = FaceAnalyzer(detector, landmarks_model, detect_size, upsample)
 
 
+_worker_error = None  # why the models could not be loaded in this worker
+
+
 def init_detection_worker(*settings):
-    """Pool initializer: Ctrl-C is the main process's to handle (no traceback from each worker)."""
+    """Pool initializer: Ctrl-C is the main process's to handle (no traceback from each worker); a model
+    that cannot be loaded is reported by the worker's first task (a failing initializer would be retried
+    forever by the pool)."""
     import signal
 
+    global _worker_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    init_worker_analyzer(*settings)
+    try:
+        init_worker_analyzer(*settings)
+    except (UserError, RuntimeError) as e:
+        _worker_error = UserError(str(e))
 
 
 def worker_analyzer():
+    if _worker_error is not None:
+        raise _worker_error
     return _worker_analyzer
 
 
@@ -690,11 +701,16 @@ def head_pose(landmarks, image_shape):
     return float(yaw), float(pitch), float(roll)
 
 
-def face_interior_mask(landmarks, shape, erode=0.1):
-    """The landmark hull shrunk by `erode` x the inter-ocular distance: the face without its outline."""
-    mask = face_hull_mask(landmarks, shape)
-    k = 2 * int(round(erode * inter_ocular(landmarks))) + 1
-    return cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) if k > 1 else mask
+def face_interior_mask(landmarks, shape, margin=0.1):
+    """The landmark hull drawn in by `margin` x the inter-ocular distance: the face without its outline."""
+    points = np.asarray(landmarks, np.float64)
+    hull = cv2.convexHull(np.round(points).astype(np.float32))[:, 0].astype(np.float64)
+    centre = hull.mean(0)
+    reach = np.linalg.norm(hull - centre, axis=1).mean()
+    shrunk = centre + (hull - centre) * max(0.0, 1 - margin * inter_ocular(points) / max(reach, 1e-6))
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillConvexPoly(mask, np.round(shrunk).astype(np.int32), 255)
+    return mask.astype(np.float32) / 255
 
 
 def sharpness(image, landmarks, mask=None):

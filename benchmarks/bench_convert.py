@@ -1,14 +1,21 @@
-"""Benchmark convert_video.py end to end (frames/s) against the tutorial's conversion loop.
+"""Benchmark convert_video.py end to end (frames/s) against the code before tracking and the tutorial's loop.
 
-The tutorial's loop, as ../shared/REFERENCE.md describes it, minus its 2 s sleep per frame: for every
-frame it rebuilds the model and reloads the checkpoint, detects with dlib at upsample 1 on the full
-frame, crops the raw box, applies random_warp, runs decoder B, pastes with a full-rectangle
-seamlessClone and writes 1920x1080 MJPG. Both use the default "original" model (weights do not
-change the speed) on the same real clips, in one run.
+In one run, on the same real clips, each as a fresh process timed from start to finish (start-up,
+model loading, decoding, finding faces, the model, blending, encoding):
+  ours       this checkout's convert_video.py (faces followed between detections), with the `original`
+             model and with `lite128` (the CPU preset)
+  before     convert_video.py of BASELINE_COMMIT (detection in every frame), `original` model
+  tutorial   the tutorial's loop, as ../shared/REFERENCE.md describes it, minus its 2 s sleep per frame:
+             for every frame it rebuilds the model and reloads the checkpoint, detects with dlib at
+             upsample 1 on the full frame, crops the raw box, applies random_warp, runs decoder B,
+             pastes with a full-rectangle seamlessClone and writes 1920x1080 MJPG
+--stages also times each stage alone on each clip (decode, find faces, model, blend, encode): the profile.
 
     python benchmarks/bench_convert.py --frames 150 --tutorial-frames 15 --out bench_out/convert.json
 """
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,20 +23,47 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import CLIPS_256, CLIPS_512, VIDEOS, report, require_data
+from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, report, require_data
 
 import convert_video
 import models
 import train
 import utils
 
+BASELINE_COMMIT = "a0118d6"  # the last commit before faces were followed between frames
 
-def make_checkpoint(model_dir):
+
+def make_checkpoint(model_dir, preset, old_format=False):
+    """A checkpoint of an untrained model (weights do not change the speed); old_format: the config keys the
+    baseline commit knows."""
     torch.manual_seed(0)
-    model = models.build_model(models.model_config("original"))
+    model = models.build_model(models.model_config(preset))
+    state = train.checkpoint_state(model, train.make_optimizer(model, 5e-5), 0, 0.0, 0)
+    if old_format:
+        state["config"] = {k: v for k, v in state["config"].items()
+                           if k in ("name", "input_size", "encoder_channels", "latent_dim", "decoder_channels")}
     model_dir.mkdir(parents=True, exist_ok=True)
-    train.save_checkpoint(model_dir, train.checkpoint_state(model, train.make_optimizer(model, 5e-5), 0, 0.0, 0),
-                          is_best=False)
+    train.save_checkpoint(model_dir, state, is_best=False)
+    return model_dir
+
+
+def baseline_checkout(tmp):
+    """The baseline commit's files in a folder beside ../shared (so its paths resolve the same way)."""
+    folder = Path(tmp) / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(folder), BASELINE_COMMIT],
+                   check=True, capture_output=True)
+    return folder
+
+
+def timed_convert(script, video, model_dir, out, frames):
+    """frames/s of one convert_video.py process, start to finish; and the frames it wrote."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(script), "--video-path", str(video), "--model-dir", str(model_dir),
+                    "--output-path", str(out), "--max-frames", str(frames), "--overwrite"],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    n = utils.video_info(out)["frames"]  # a clip may be shorter than --frames
+    return n / seconds, n
 
 
 def tutorial_convert(video, ckpt_path, out_path, max_frames):
@@ -63,33 +97,86 @@ def tutorial_convert(video, ckpt_path, out_path, max_frames):
     return frames
 
 
-def run(frames=150, tutorial_frames=15, clips=None):
+def stages(video, model_dir, frames):
+    """Frames/s of each stage alone, one process, all cores: where the time goes."""
+    import argparse as ap
+
+    images = [f for _, f in zip(range(frames), utils.FrameSource(video))]
+    rates = {}
+    t = time.perf_counter()
+    n = sum(1 for _ in zip(range(frames), utils.FrameSource(video)))
+    rates["decode"] = n / (time.perf_counter() - t)
+    tracker = utils.FaceTracker(utils.FaceAnalyzer())
+    t = time.perf_counter()
+    found = [tracker(f.image) for f in images]
+    rates["find_faces_1_core"] = len(images) / (time.perf_counter() - t)
+    model, _ = models.load_model(model_dir / models.CHECKPOINT)
+    model.to(memory_format=torch.channels_last)
+    faces = [[found[i][0][1]] if found[i] else [] for i in range(len(images))]
+    settings = ap.Namespace(color="rct", mask_erode=0.03, mask_blur=0.08, brow_lift=1.0, seamless=False,
+                            batch_size=16)
+    dtype = utils.pick_precision("auto", torch.device("cpu"))
+    size = model.input_size
+    crops = [utils.warp_face(f.image, utils.align_matrix(fl[0], size, 1.0), size) for f, fl in zip(images, faces)
+             if fl]
+    t = time.perf_counter()
+    with torch.no_grad(), utils.autocast(torch.device("cpu"), dtype):
+        for k in range(0, len(crops), 16):
+            model(utils.to_tensor(np.stack(crops[k:k + 16])).contiguous(memory_format=torch.channels_last), "b")
+    rates["model"] = len(crops) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    out = [convert_video.paste_face(f.image, c, utils.align_matrix(fl[0], size, 1.0), fl[0], settings)
+           for f, fl, c in zip(images, faces, crops) if fl]
+    rates["blend_1_core"] = len(out) / (time.perf_counter() - t)
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = convert_video.VideoWriter(Path(tmp) / "x.mp4", 30, images[0].image.shape[1],
+                                           images[0].image.shape[0])
+        t = time.perf_counter()
+        for f in images:
+            writer.write(f.image)
+        writer.close()
+        rates["encode"] = len(images) / (time.perf_counter() - t)
+    return {k: round(v, 1) for k, v in rates.items()}
+
+
+def run(frames=150, tutorial_frames=15, clips=None, with_stages=False):
     require_data()
     clips = clips or CLIPS_256 + CLIPS_512
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_checkpoint(tmp / "model")
-        for clip in clips:
-            t = time.perf_counter()
-            n_tut = tutorial_convert(VIDEOS / clip, tmp / "model" / models.CHECKPOINT, tmp / "tut.avi", tutorial_frames)
-            tut_fps = n_tut / (time.perf_counter() - t)
-            t = time.perf_counter()
-            convert_video.main(["--video-path", str(VIDEOS / clip), "--model-dir", str(tmp / "model"),
-                                "--output-path", str(tmp / "ours.mp4"), "--max-frames", str(frames), "--overwrite"])
-            seconds = time.perf_counter() - t
-            n_ours = utils.video_info(tmp / "ours.mp4")["frames"]  # a clip may be shorter than --frames
-            ours_fps = n_ours / seconds
-            rows.append(dict(clip=clip, frames=n_ours, ours_fps=round(ours_fps, 2), tutorial_fps=round(tut_fps, 3),
-                             tutorial_frames=n_tut, speedup=round(ours_fps / tut_fps, 1)))
-    return dict(benchmark="convert", model="original", clips=rows,
-                note="tutorial loop timed without its 2 s sleep per frame; ours includes start-up and model load")
+        baseline = baseline_checkout(tmp)
+        try:
+            original, lite = make_checkpoint(tmp / "original", "original"), make_checkpoint(tmp / "lite", "lite128")
+            old = make_checkpoint(tmp / "old", "original", old_format=True)
+            for clip in clips:
+                video = VIDEOS / clip
+                ours, n = timed_convert(ROOT / "convert_video.py", video, original, tmp / "ours.mp4", frames)
+                ours_lite, _ = timed_convert(ROOT / "convert_video.py", video, lite, tmp / "lite.mp4", frames)
+                before, _ = timed_convert(baseline / "convert_video.py", video, old, tmp / "before.mp4", frames)
+                t = time.perf_counter()
+                n_tut = tutorial_convert(video, original / models.CHECKPOINT, tmp / "tut.avi", tutorial_frames)
+                tut = n_tut / (time.perf_counter() - t)
+                row = dict(clip=clip, frames=n, ours_original_fps=round(ours, 2), before_original_fps=round(before, 2),
+                           speedup_vs_before=round(ours / before, 2), ours_lite128_fps=round(ours_lite, 2),
+                           tutorial_fps=round(tut, 3), speedup_vs_tutorial=round(ours / tut, 1))
+                if with_stages:
+                    row["stages_original"] = stages(video, original, frames)
+                    row["stages_lite128"] = stages(video, lite, frames)
+                rows.append(row)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)],
+                           capture_output=True)
+    return dict(benchmark="convert", baseline_commit=BASELINE_COMMIT, clips=rows,
+                note="each conversion timed as a whole process (start-up and model load included); the tutorial "
+                     "loop without its 2 s sleep per frame")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=150, help="frames per clip for convert_video.py")
     p.add_argument("--tutorial-frames", type=int, default=15, help="frames per clip for the slow tutorial loop")
+    p.add_argument("--stages", action="store_true", help="also time each stage alone (the profile)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     a = p.parse_args()
-    report(run(a.frames, a.tutorial_frames), a.out)
+    report(run(a.frames, a.tutorial_frames, with_stages=a.stages), a.out)

@@ -140,7 +140,7 @@ def calibrate(flags, faces, work, seconds):
     cal = work / "calibration"
     shutil.rmtree(cal, ignore_errors=True)
     if flags == "tutorial":
-        faces_a, faces_b = (train.load_training_faces(faces[s][0], quiet=True) for s in "AB")
+        faces_a, faces_b = (train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB")
         times = []
         for _, _, t in tutorial_steps(faces_a, faces_b, 64, 10 ** 9):
             times.append(t)
@@ -243,7 +243,7 @@ def run_recipe(pair, spec, args, gallery):
         out = work / f"{minutes:g}min"
         started = time.time()
         if flags == "tutorial":
-            tutorial = tutorial or dict(faces=[train.load_training_faces(faces[s][0], quiet=True) for s in "AB"])
+            tutorial = tutorial or dict(faces=[train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB"])
             model_dir = train_tutorial(tutorial, steps, trunk)
         else:
             no_warp = flag(flags, "--no-warp-last", 0.0)

@@ -8,6 +8,7 @@ from conftest import OBAMA, make_clip, need_data, run_main
 
 import convert_video
 import models
+import train
 import utils
 
 GRAY = list(range(20, 25))  # frames with no face in the test clip
@@ -112,6 +113,18 @@ def test_errors(clip_with_audio, tiny_model, tmp_path, capsys):
         assert not (tmp_path / "o.mp4").exists()
     assert existing.read_bytes() == b"keep me"
     assert not list(tmp_path.glob(".*tmp*"))  # no half-written temp files left
+
+
+def test_a_checkpoint_without_identities_swaps_the_largest_face(tiny_model, tmp_path, capsys):
+    """Checkpoints made before identities were recorded (or without face landmarks) still convert."""
+    ckpt = models.load_checkpoint(tiny_model / models.CHECKPOINT)
+    ckpt["identities"] = None
+    (tmp_path / "model").mkdir()
+    train.save_checkpoint(tmp_path / "model", ckpt, is_best=False)
+    args = convert_video.parse_args(["--model-dir", str(tmp_path / "model")])
+    assert convert_video.person_to_swap(args, ckpt, "b") == (None, False)
+    del ckpt["identities"]
+    assert convert_video.person_to_swap(args, ckpt, "b") == (None, False)
 
 
 def test_smoothing_follows_and_resets():
