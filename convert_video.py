@@ -49,6 +49,7 @@ DIRECTION = "a2b"                            # a2b: A's video gets B's face; b2a
 COLOR = "rct"                                # rct (Reinhard LAB), avg, hist or none
 MASK_ERODE = 0.03                            # mask erosion, as a fraction of the face width
 MASK_BLUR = 0.08                             # mask feathering, as a fraction of the face width
+MASK = "both"                                # hull (landmarks), learned (the model's own) or both (intersected)
 SMOOTH = 0.5                                 # share of the previous frame's landmarks kept (0 = off)
 BATCH_SIZE = 16                              # faces per model call
 WORKERS = 1                                  # detection processes (measured fastest on 2 cores, see README)
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--identity-threshold", type=float, default=IDENTITY_THRESHOLD,
                    help="largest face-recognition distance to the reference that counts as the person")
     p.add_argument("--color", choices=["rct", "avg", "hist", "none"], default=COLOR, help="colour correction")
+    p.add_argument("--mask", choices=["hull", "learned", "both"], default=MASK,
+                   help="the face region pasted: the landmark hull, the mask the model learned (models with a "
+                        "mask output, e.g. lite128; others use the hull), or where both agree")
     p.add_argument("--mask-erode", type=float, default=MASK_ERODE, help="mask erosion (fraction of face width)")
     p.add_argument("--mask-blur", type=float, default=MASK_BLUR, help="mask feathering (fraction of face width)")
     p.add_argument("--brow-lift", type=float, default=1.0, help="how far the mask reaches above the brows")
@@ -99,8 +103,9 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- the swap
 
 
-def paste_face(frame, face, matrix, landmarks, args):
-    """Frame with `face` (the model's output, aligned by `matrix`) blended in; only the face region changes."""
+def paste_face(frame, face, matrix, landmarks, args, face_mask=None):
+    """Frame with `face` (the model's output, aligned by `matrix`) blended in; only the face region changes.
+    face_mask: the model's own mask of the face (float, face-sized), used as args.mask says."""
     h, w = frame.shape[:2]
     size = face.shape[0]
     inverse = cv2.invertAffineTransform(matrix)
@@ -125,6 +130,10 @@ def paste_face(frame, face, matrix, landmarks, args):
     inside = cv2.warpAffine(square, shift, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                             borderValue=0) > 0.5
     mask = utils.face_hull_mask(landmarks - [x0, y0], roi.shape, args.brow_lift) * inside
+    if face_mask is not None and getattr(args, "mask", "hull") != "hull":
+        learned = cv2.warpAffine(face_mask, shift, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                 borderValue=0) > 0.5
+        mask = (learned * inside).astype(np.float32) if args.mask == "learned" else mask * learned
     mask = erode_and_blur(mask, face_width * args.mask_erode, blur_px)
     swapped = color_transfer(swapped, roi, mask, args.color)
     out = frame.copy()
@@ -147,7 +156,7 @@ def swap_faces(model, frames, faces, side, settings, device=None, dtype=None):
 
     frames: BGR uint8 frames; faces: for each frame a list of 68-point landmark arrays (frame
     pixels) of the faces to swap (an empty list passes the frame through); settings: the
-    blending options (color, mask_erode, mask_blur, brow_lift, seamless, batch_size).
+    blending options (color, mask, mask_erode, mask_blur, brow_lift, seamless, batch_size).
     Faces go through the model in batches; each is pasted back through the inverse of the
     affine that aligned it. Returns new frames; the inputs are not modified.
     """
@@ -156,14 +165,16 @@ def swap_faces(model, frames, faces, side, settings, device=None, dtype=None):
     jobs = [(i, utils.align_matrix(landmarks, size, coverage=1.0), landmarks)
             for i, frame_faces in enumerate(faces) for landmarks in frame_faces]
     crops = [utils.warp_face(frames[i], matrix, size) for i, matrix, _ in jobs]
-    outputs = []
+    outputs, masks = [], []
     with torch.no_grad(), utils.autocast(device, dtype):
         for k in range(0, len(crops), settings.batch_size):
             x = utils.to_tensor(np.stack(crops[k:k + settings.batch_size])).to(device)
-            outputs.extend(utils.to_images(model(x.contiguous(memory_format=torch.channels_last), side)[:, :3]))
+            y = model(x.contiguous(memory_format=torch.channels_last), side)
+            outputs.extend(utils.to_images(y[:, :3]))
+            masks.extend(y[:, 3].float().cpu().numpy() if model.has_mask else [None] * len(x))
     result = list(frames)
-    for (i, matrix, landmarks), face in zip(jobs, outputs):
-        result[i] = paste_face(result[i], face, matrix, landmarks, settings)
+    for (i, matrix, landmarks), face, mask in zip(jobs, outputs, masks):
+        result[i] = paste_face(result[i], face, matrix, landmarks, settings, mask)
     return result
 
 

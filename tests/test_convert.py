@@ -156,3 +156,30 @@ def test_video_writer_leaves_no_temp_file_when_it_cannot_start(tmp_path):
     with pytest.raises(av.FFmpegError):
         convert_video.VideoWriter(tmp_path / "out.mp4", 30, 64, 64, audio_from=junk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4"]
+
+
+def test_learned_mask_limits_what_is_pasted(obama_faces):
+    """--mask: the model's own mask (a 4th output channel) cuts the pasted region; the hull alone ignores it."""
+    from types import SimpleNamespace
+    record = json.loads((obama_faces / "faces" / "alignments.json").read_text())["frames"]["000000.png"]
+    landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
+    frame = utils.read_image(obama_faces / "frames" / "000000.png")
+    size = 128
+    matrix = utils.align_matrix(landmarks, size, coverage=1.0)
+    face = np.full((size, size, 3), 255, np.uint8)  # a white face: every pasted pixel changes
+    top_half = np.zeros((size, size), np.float32)
+    top_half[:size // 2] = 1
+
+    def changed(mask, face_mask):
+        settings = SimpleNamespace(color="none", mask=mask, mask_erode=0.03, mask_blur=0.08, brow_lift=1.0,
+                                   seamless=False)
+        out = convert_video.paste_face(frame, face, matrix, landmarks, settings, face_mask)
+        return (out != frame).any(2)
+
+    hull = changed("hull", None)
+    assert hull.sum() > 2000
+    assert np.array_equal(changed("hull", top_half), hull)  # the hull ignores the learned mask
+    both = changed("both", top_half)
+    assert 0.2 * hull.sum() < both.sum() < 0.8 * hull.sum() and not (both & ~hull).any()
+    assert not both[int(landmarks[utils.MOUTH][:, 1].max()) + 2:].any()  # nothing below the mouth is pasted
+    assert not changed("learned", np.zeros((size, size), np.float32)).any()
