@@ -58,6 +58,14 @@ SAVE_SECONDS = 5                        # alignments.json is rewritten this ofte
 REJECTED, PEOPLE = "rejected", "people"  # subfolders of FACES_DIR
 
 
+def alignment_residual(landmarks):
+    """RMS distance of the landmarks, aligned, to the mean face (units of the template's size): the shape fit."""
+    landmarks = np.asarray(landmarks, np.float64)
+    fitted = utils.transform_points(landmarks[utils.ALIGN_POINTS],
+                                    utils.umeyama(landmarks[utils.ALIGN_POINTS], utils.MEAN_FACE)[:2])
+    return float(np.sqrt(((fitted - utils.MEAN_FACE) ** 2).sum(1).mean()))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -117,7 +125,7 @@ def process_chunk(task):
                 landmarks=landmarks.round(2).tolist(), matrix=matrix.round(6).tolist(),
                 sharpness=round(utils.sharpness(face, in_face, interior), 2),
                 weakest_direction=round(weakest_direction(face, interior), 2),
-                yaw=round(yaw, 1), pitch=round(pitch, 1), fit_error=round(utils.alignment_residual(landmarks), 4),
+                yaw=round(yaw, 1), pitch=round(pitch, 1), fit_error=round(alignment_residual(landmarks), 4),
                 embedding=embedding, embedding_of=measured_on))
         results.append((path.name, stat, records))
     return results

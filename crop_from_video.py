@@ -36,6 +36,11 @@ META_NAME = "frames.json"
 SAVE_SECONDS = 5                      # frames.json is rewritten this often while extracting
 
 
+def frame_name(index, ext="png"):
+    """Zero-padded so names sort in frame order."""
+    return f"{index:06d}.{ext}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,7 +73,7 @@ def previous_frames(save_dir, record, overwrite):
     if meta is not None and all(meta.get(k) == v for k, v in record.items()):
         names = {p.name for p in existing}
         done = {i: t for i, t in zip(meta.get("frames", []), meta.get("times", []))
-                if utils.frame_name(i, record["format"]) in names}
+                if frame_name(i, record["format"]) in names}
         if meta.get("complete") and len(done) == len(meta.get("frames", [])):
             return None
         return done
@@ -129,7 +134,7 @@ def extract(args, source, save_dir):
             if (frame.index - first_wanted) % args.every:
                 continue
             if frame.index not in written:
-                utils.write_image(save_dir / utils.frame_name(frame.index, args.format), frame.image)
+                utils.write_image(save_dir / frame_name(frame.index, args.format), frame.image)
                 written[frame.index] = round(t, 6)
             if args.max_frames and len(written) >= args.max_frames:
                 reached_end = True

@@ -41,11 +41,6 @@ def user_errors():
         raise SystemExit(130) from None
 
 
-def frame_name(index, ext="png"):
-    """Zero-padded so names sort in frame order."""
-    return f"{index:06d}.{ext}"
-
-
 def list_images(folder):
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -492,13 +487,6 @@ def _crop(gray, landmarks, size=32):
 def _correlation(a, b):
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-6))
-
-
-def alignment_residual(landmarks):
-    """RMS distance of the landmarks, aligned, to the mean face (units of the template's size): the shape fit."""
-    landmarks = np.asarray(landmarks, np.float64)
-    fitted = transform_points(landmarks[ALIGN_POINTS], umeyama(landmarks[ALIGN_POINTS], MEAN_FACE)[:2])
-    return float(np.sqrt(((fitted - MEAN_FACE) ** 2).sum(1).mean()))
 
 
 class FaceEmbedder:

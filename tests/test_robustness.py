@@ -8,7 +8,6 @@ import sys
 import time
 
 import av
-import cv2
 import numpy as np
 import pytest
 from conftest import OBAMA, ROOT, make_clip, need_data, run_main
