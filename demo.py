@@ -2,13 +2,14 @@
 
 Runs the four scripts in order on two videos (person A and person B; by default
 the Obama and Andrew Ng clips of ../shared/data beside the checkout), trains
-for a short fixed budget, and leaves everything in OUT_DIR:
+train.py's recipe for a short fixed budget, starting from the pretrained base in
+base/ (people other than these two), and leaves everything in OUT_DIR:
     personA/, personB/               frames (the last HOLDOUT share of each clip held out)
     personA_face/, personB_face/     aligned training faces + alignments.json
     personA_heldout_face/, ...       held-out faces for the reconstruction metric
     model/                           checkpoint.pt, preview.png, log.csv
     swapped.mp4                      A's video with B's face (H.264, audio kept, marked synthetic)
-    evaluation.json, contact_sheet.png
+    evaluation.json, contact_sheet.png   (identity among every person of ../shared/data when it is there)
 Re-running continues training for another budget and converts again.
 
 Example:
@@ -17,8 +18,6 @@ Example:
 """
 import argparse
 from pathlib import Path
-
-import torch
 
 import convert_video
 import crop_face
@@ -33,6 +32,7 @@ VIDEO_A = SHARED_VIDEOS / "styletalk_obama_clip1.mp4"   # person A: the video th
 VIDEO_B = SHARED_VIDEOS / "styletalk_andrew_clip1.mp4"  # person B: the face to put in
 OUT_DIR = Path("demo_out")                               # everything goes here
 MINUTES = 15.0                                           # training budget per run
+BASE_DIR = Path(__file__).resolve().parent / "base"  # pretrained bases, <preset>_base.pt (benchmarks/make_base.py)
 HOLDOUT = 0.15                                           # share of each clip kept out of training
 
 
@@ -43,10 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--video-b", type=Path, default=VIDEO_B, help="video of person B")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="output folder for every step")
     p.add_argument("--minutes", type=float, default=MINUTES, help="training budget of this run")
-    p.add_argument("--model", default="auto",
-                   help="model preset; auto = original on a GPU, tiny on a CPU (~7x the samples/s)")
-    p.add_argument("--batch-size", type=int, default=16, help="faces per side per step")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--model", default=train.MODEL, help="model preset (train.py's --model)")
+    p.add_argument("--init", default="auto",
+                   help="pretrained base to start from: auto = base/<model>_base.pt where it exists; "
+                        "a file; or 'none' for scratch")
     p.add_argument("--holdout", type=float, default=HOLDOUT, help="share of each clip held out for evaluation")
     p.add_argument("--max-frames", type=int, default=0, help="frames per clip for training (0 = all)")
     p.add_argument("--eval-every", type=int, default=3, help="evaluate every Nth converted frame")
@@ -78,10 +78,10 @@ SHARED_GALLERY = {
 }
 
 
-def make_gallery(folder, data=SHARED_DATA, people=SHARED_GALLERY):
+def make_gallery(folder, data=SHARED_DATA, people=None):
     """A gallery folder for evaluate.py: <person>/ subfolders of symbolic links to the shared files."""
     folder = Path(folder)
-    for person, patterns in people.items():
+    for person, patterns in (people or SHARED_GALLERY).items():
         files = sorted(f for pattern in patterns for f in Path(data).glob(pattern))
         if not files:
             continue
@@ -91,6 +91,18 @@ def make_gallery(folder, data=SHARED_DATA, people=SHARED_GALLERY):
             if not link.exists():
                 link.symlink_to(f.resolve())
     return folder
+
+
+def base_for(init, model):
+    """The base checkpoint to start from, or None (scratch): --init auto, none or a file."""
+    if init.lower() == "none":
+        return None
+    path = BASE_DIR / f"{model}_base.pt" if init.lower() == "auto" else Path(init)
+    if not path.is_file():
+        if init.lower() != "auto":
+            raise utils.UserError(f"--init {path}: no such file")
+        return None
+    return path
 
 
 def split_seconds(video, holdout):
@@ -108,7 +120,7 @@ def run(args):
                     "pass your own with --video-a and --video-b") if video in (VIDEO_A, VIDEO_B) else ""
             raise utils.UserError(f"video not found: {video}" + (f" ({hint})" if hint else ""))
     out = utils.ensure_writable_dir(args.out_dir)
-    model = args.model if args.model != "auto" else ("original" if torch.cuda.is_available() else "tiny")
+    model = args.model
     limit = ["--max-frames", str(args.max_frames)] if args.max_frames else []
     for name, video in (("A", args.video_a), ("B", args.video_b)):
         split = split_seconds(video, args.holdout)
@@ -118,19 +130,30 @@ def run(args):
         for folder, extra in steps:
             crop_from_video.main(["--video-path", str(video), "--save-dir", str(out / folder)] + extra)
             crop_face.main(["--images-dir", str(out / folder), "--faces-dir", str(out / f"{folder}_face")])
-    print(f"\n== training ({model} model, {args.minutes:g} minutes)")
+    init = base_for(args.init, model)
+    print(f"\n== training ({model} model, {args.minutes:g} minutes, "
+          f"{'from the base ' + str(init) if init else 'from scratch'})")
     train.main(["--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
-                "--model-dir", str(out / "model"), "--model", model, "--batch-size", str(args.batch_size),
-                "--lr", str(args.lr), "--minutes", str(args.minutes), "--iterations", "0",
-                "--save-every", "100", "--preview-every", "100"])
+                "--model-dir", str(out / "model"), "--model", model, "--minutes", str(args.minutes),
+                "--iterations", "0", "--save-every", "100", "--preview-every", "100"]
+               + (["--init", str(init)] if init else []))
     print("\n== converting A's video with B's face")
     convert_video.main(["--video-path", str(args.video_a), "--model-dir", str(out / "model"),
                         "--output-path", str(out / "swapped.mp4"), "--overwrite"])
     print("\n== evaluating")
+    gallery = []
+    if SHARED_DATA.is_dir():  # everyone of ../shared/data as the identity gallery (A and B by their own faces)
+        gallery = ["--gallery", str(make_gallery(out / "gallery"))]
+        names = {path: person for person, patterns in SHARED_GALLERY.items() for pattern in patterns
+                 for path in SHARED_DATA.glob(pattern)}
+        for flag, video in (("--name-a", args.video_a), ("--name-b", args.video_b)):
+            if video.resolve() in {p.resolve() for p in names}:
+                gallery += [flag, next(n for p, n in names.items() if p.resolve() == video.resolve())]
     evaluate.main(["--converted-path", str(out / "swapped.mp4"), "--source-path", str(args.video_a),
                    "--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
                    "--heldout-a", str(out / "personA_heldout_face"), "--heldout-b", str(out / "personB_heldout_face"),
-                   "--model-dir", str(out / "model"), "--out-dir", str(out), "--every", str(args.eval_every)])
+                   "--model-dir", str(out / "model"), "--out-dir", str(out), "--every", str(args.eval_every)]
+                  + gallery)
     print(f"""
 == done; everything is in {out}/
   frames           {out}/personA, {out}/personB

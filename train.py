@@ -14,12 +14,15 @@ Running again resumes from checkpoint.pt; --iterations is the total step count
 to reach. Ctrl-C saves and stops. Batches are a pure function of (seed, step,
 rank), so a resumed run continues exactly as an uninterrupted one.
 
-Example:
-    python train.py --faces-a train/personA_face --faces-b train/personB_face --model-dir models
+Example (the CPU recipe, starting from the pretrained base shipped in base/):
+    python train.py --faces-a train/personA_face --faces-b train/personB_face --model-dir models \
+        --init base/tiny_base.pt --minutes 60
+The tutorial's recipe:
+    python train.py --model original --loss l1 --batch-size 64 --lr 5e-5 --warmup 0 --no-warp-last 0
 Tiny CPU run (a few minutes):
     python train.py --model tiny --batch-size 16 --iterations 200 --model-dir /tmp/tiny
 Several GPUs or machines (see README):
-    torchrun --nproc_per_node 4 train.py --batch-size 64
+    torchrun --nproc_per_node 4 train.py --model lite128 --batch-size 64
 """
 import argparse
 import csv
@@ -43,14 +46,16 @@ import utils
 FACES_A = Path("train/personA_face")  # aligned faces of person A (crop_face.py output)
 FACES_B = Path("train/personB_face")  # aligned faces of person B
 MODEL_DIR = Path("models")            # checkpoints, preview, log
-MODEL = "original"                    # a preset of models.MODEL_CONFIGS
-BATCH_SIZE = 64                       # faces per side per step (per process under torchrun)
+# The recipe measured best per CPU minute (README, benchmarks/bench_quality.py). The tutorial's own:
+# --model original --loss l1 --batch-size 64 --lr 5e-5 --warmup 0 --no-warp-last 0
+MODEL = "tiny"                        # a preset of models.MODEL_CONFIGS (lite128: 128 px, ~5x the compute)
+BATCH_SIZE = 16                       # faces per side per step (per process under torchrun)
 ITERATIONS = 100_000                  # total steps to reach (0 = until --minutes or Ctrl-C)
 MINUTES = 0.0                         # stop after this many minutes of this run (0 = no limit)
-LEARNING_RATE = 5e-5
-WARMUP = 0                            # steps of linear learning-rate warm-up
-LOSS = "l1"                           # l1 (the tutorial's), ssim+l1 or masked
-NO_WARP_LAST = 0.0                    # share of the run at the end without random warp
+LEARNING_RATE = 2e-4
+WARMUP = 100                          # steps of linear learning-rate warm-up
+LOSS = "masked"                       # masked (DSSIM + MSE in the face, eyes and mouth weighted), l1, ssim+l1
+NO_WARP_LAST = 0.2                    # share of the run at the end without random warp
 SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows

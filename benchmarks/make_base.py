@@ -1,11 +1,12 @@
-"""Train the pretrained base: the lite128 model on the faces of many people, so a new pair starts from it.
+"""Train a pretrained base: a model preset on the faces of many people, so a new pair starts from it.
 
 Faces come from every clip of ../shared/data except the people the quality benchmark measures (Obama,
 Andrew Ng, the MEAD actors, Ocasio-Cortez, Katie Hill), so that benchmark measures pairs the base has
 never seen, and except the MEAD clips, whose licence is research-only. Both decoders learn every face
 (train.py --pretrain); the result, weights only in half precision, is written to --out with a model card.
 
-    python benchmarks/make_base.py --iterations 6000 --out base/lite128_base.pt
+    python benchmarks/make_base.py --model tiny --iterations 0 --minutes 25     # base/tiny_base.pt
+    python benchmarks/make_base.py --model lite128 --iterations 6000           # base/lite128_base.pt
 """
 import argparse
 import shutil
@@ -29,7 +30,8 @@ BASE_CLIPS = {  # clip -> its source and licence, for the model card
     "dlib_elon-musk-smoke.gif": "davisking/dlib, BSL-1.0 (media third-party)",
     "facerec_short_hamilton_clip.mp4": "ageitgey/face_recognition, MIT (code licence; clip third-party)",
 }
-RECIPE = ["--model", "lite128", "--loss", "masked", "--batch-size", "16", "--lr", "2e-4", "--warmup", "200"]
+RECIPE = ["--loss", "masked", "--batch-size", "16", "--lr", "2e-4", "--warmup", "200",
+          "--no-warp-last", "0"]  # warped to the end: a base should generalise, not settle on these faces
 
 
 def extract(work):
@@ -42,7 +44,7 @@ def extract(work):
     return folders
 
 
-def export(model_dir, out, iterations):
+def export(model_dir, out, budget, model):
     """Weights only, in half precision (a base needs no optimizer state), with a model card beside it."""
     ckpt = models.load_checkpoint(model_dir / models.CHECKPOINT)
     state = dict(model={k: v.half() for k, v in ckpt["model"].items()}, config=ckpt["config"], step=ckpt["step"],
@@ -51,10 +53,10 @@ def export(model_dir, out, iterations):
     train.save_checkpoint(out.parent, state, is_best=False)
     (out.parent / models.CHECKPOINT).replace(out)
     faces = sum(len(utils.list_images(p)) for p in (model_dir.parent / "faces").iterdir())
-    card = [f"# {out.name}: a pretrained base for the `lite128` preset", "",
-            f"Trained with `python benchmarks/make_base.py --iterations {iterations}` "
-            f"(train.py --pretrain {' '.join(RECIPE)}) for {ckpt['step']} steps of 16 + 16 faces on a 2-core CPU.",
-            f"Start a new pair from it with `train.py --model lite128 --init {out}`.", "",
+    card = [f"# {out.name}: a pretrained base for the `{model}` preset", "",
+            f"Trained with `python benchmarks/make_base.py {budget}` "
+            f"(train.py --pretrain --model {model} {' '.join(RECIPE)}) for {ckpt['step']} steps of 16 + 16 faces on a 2-core CPU.",
+            f"Start a new pair from it with `train.py --model {model} --init base/{out.name}` (demo.py does).", "",
             f"Data: {faces} aligned faces of {len(BASE_CLIPS)} clips of ../shared/data (about 20 people); none "
             "of the people the quality benchmark measures, no MEAD clip (research-only licence):", ""]
     card += [f"- `{clip}`: {source}" for clip, source in BASE_CLIPS.items()]
@@ -67,18 +69,22 @@ def export(model_dir, out, iterations):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=6000, help="training steps")
+    p.add_argument("--iterations", type=int, default=6000, help="training steps (0 = until --minutes)")
+    p.add_argument("--minutes", type=float, default=0, help="stop after this many minutes (0 = no limit)")
     p.add_argument("--work", type=Path, default=ROOT / "bench_out" / "base", help="frames, faces and the run")
-    p.add_argument("--out", type=Path, default=ROOT / "base" / "lite128_base.pt", help="the exported base")
+    p.add_argument("--model", default="tiny", help="the preset (train.py's --model)")
+    p.add_argument("--out", type=Path, default=None, help="the exported base (default base/<model>_base.pt)")
     a = p.parse_args(argv)
     require_data()
     folders = extract(a.work)
-    model_dir = a.work / "model"
+    model_dir, out = a.work / f"model_{a.model}", a.out or ROOT / "base" / f"{a.model}_base.pt"
     half = len(folders) // 2  # --pretrain pools both sides: every face is drawn for both decoders
     train.main(["--faces-a", *map(str, folders[:half]), "--faces-b", *map(str, folders[half:]), "--pretrain",
-                "--model-dir", str(model_dir), "--iterations", str(a.iterations), "--save-every", "250",
-                "--preview-every", "250", *RECIPE])
-    export(model_dir, a.out, a.iterations)
+                "--model-dir", str(model_dir), "--iterations", str(a.iterations), "--minutes", str(a.minutes),
+                "--save-every", "250",
+                "--preview-every", "250", "--model", a.model, *RECIPE])
+    budget = f"--model {a.model} --iterations {a.iterations}" + (f" --minutes {a.minutes:g}" if a.minutes else "")
+    export(model_dir, out, budget, a.model)
     shutil.rmtree(a.work / "frames", ignore_errors=True)
 
 

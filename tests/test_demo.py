@@ -9,9 +9,11 @@ import utils
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     need_data()
     out = tmp_path / "demo"
+    # a gallery of three of the shared people (the whole one takes minutes to embed; test_evaluate covers it)
+    monkeypatch.setattr(demo, "SHARED_GALLERY", {k: demo.SHARED_GALLERY[k] for k in ("obama", "andrew_ng", "biden")})
     assert demo.main(["--video-a", str(OBAMA), "--video-b", str(ANDREW), "--out-dir", str(out),
                       "--minutes", "0.05", "--max-frames", "40", "--eval-every", "30"]) == 0
     printed = capsys.readouterr().out
@@ -22,6 +24,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert utils.video_info(out / "swapped.mp4")["frames"] == utils.video_info(OBAMA)["frames"]
     result = json.loads((out / "evaluation.json").read_text())
     assert set(result["reconstruction"]) == {"A->A", "B->B"}
+    assert result["identity"]["gallery_size"] == 3 and "biden" in result["identity"]["gallery"]
     # the held-out faces come from the clips' last 15 %, never from the training frames
     train_frames = {int(p.stem) for p in utils.list_images(out / "personA")}
     heldout_frames = {int(p.stem) for p in utils.list_images(out / "personA_heldout")}
