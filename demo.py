@@ -2,8 +2,8 @@
 
 Runs the four scripts in order on two videos (person A and person B; by default
 the Obama and Andrew Ng clips of ../shared/data beside the checkout), trains
-train.py's recipe for a short fixed budget, starting from the pretrained base in
-base/ (people other than these two), and leaves everything in OUT_DIR:
+train.py's recipe for a short fixed budget (from scratch, or from a pretrained
+base with --init), and leaves everything in OUT_DIR:
     personA/, personB/               frames (the last HOLDOUT share of each clip held out)
     personA_face/, personB_face/     aligned training faces + alignments.json
     personA_heldout_face/, ...       held-out faces for the reconstruction metric
@@ -44,9 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="output folder for every step")
     p.add_argument("--minutes", type=float, default=MINUTES, help="training budget of this run")
     p.add_argument("--model", default=train.MODEL, help="model preset (train.py's --model)")
-    p.add_argument("--init", default="auto",
-                   help="pretrained base to start from: auto = base/<model>_base.pt where it exists; "
-                        "a file; or 'none' for scratch")
+    p.add_argument("--init", default="none",
+                   help="pretrained base to start from (a file, or auto = base/<model>_base.pt); none = scratch, "
+                        "which measured better for identity (README, Quality)")
     p.add_argument("--holdout", type=float, default=HOLDOUT, help="share of each clip held out for evaluation")
     p.add_argument("--max-frames", type=int, default=0, help="frames per clip for training (0 = all)")
     p.add_argument("--eval-every", type=int, default=3, help="evaluate every Nth converted frame")

@@ -14,9 +14,8 @@ Running again resumes from checkpoint.pt; --iterations is the total step count
 to reach. Ctrl-C saves and stops. Batches are a pure function of (seed, step,
 rank), so a resumed run continues exactly as an uninterrupted one.
 
-Example (the CPU recipe, starting from the pretrained base shipped in base/):
-    python train.py --faces-a train/personA_face --faces-b train/personB_face --model-dir models \
-        --init base/tiny_base.pt --minutes 60
+Example (the CPU recipe, one hour):
+    python train.py --faces-a train/personA_face --faces-b train/personB_face --model-dir models --minutes 60
 The tutorial's recipe:
     python train.py --model original --loss l1 --batch-size 64 --lr 5e-5 --warmup 0 --no-warp-last 0
 Tiny CPU run (a few minutes):

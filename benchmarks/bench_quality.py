@@ -50,7 +50,7 @@ PAIRS = {  # A's clips, B's clips, A's and B's names in the gallery
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
     # train.py's default: the tiny model (64 px) with the masked loss, warm-up, no warp at the end
     "tiny_masked": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
-    # the same from the shipped base (what make demo does; the base has not seen the benchmark's people)
+    # the same from a base (make it first: benchmarks/make_base.py --model tiny; it leaves out the benchmark's people)
     "tiny_masked_base": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2 "
                         f"--init {ROOT / 'base' / 'tiny_base.pt'}",
     # the 128 px preset with the same recipe (5x the compute per sample)
