@@ -4,6 +4,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 import models
 import train
@@ -179,3 +180,18 @@ def test_real_faces_300_steps_lower_both_losses(faces, tmp_path):
     last = np.mean([[float(r[k]) for k in ("loss_a", "loss_b")] for r in rows[-5:]], axis=0)
     assert (last < 0.7 * np.array(first)).all(), (first, last)
     assert (tmp_path / models.BEST_CHECKPOINT).exists()
+
+
+def test_pretrain_then_init_starts_a_new_pair_from_the_base(faces, tmp_path, capsys):
+    """--pretrain pools both sides' faces for both decoders; --init copies those weights into a new run."""
+    assert train.main(tiny_args(faces, tmp_path / "base", "--iterations", "2", "--pretrain")) == 0
+    base = models.load_checkpoint(tmp_path / "base" / models.CHECKPOINT)
+    assert train.main(tiny_args(faces, tmp_path / "pair", "--iterations", "1", "--lr", "0",  # one step that moves nothing
+                                "--init", str(tmp_path / "base" / models.CHECKPOINT))) == 0
+    assert "starting from the weights of" in capsys.readouterr().out
+    capsys.readouterr()
+    code, io = run_main(train.main, tiny_args(faces, tmp_path / "other", "--iterations", "1", "--model", "original",
+                                              "--init", str(tmp_path / "base" / models.CHECKPOINT)), capsys)
+    assert code == 1 and "holds a 'tiny' model" in io.err and "Traceback" not in io.err
+    pair = models.load_checkpoint(tmp_path / "pair" / models.CHECKPOINT)
+    assert pair["step"] == 1 and all(torch.equal(base["model"][k], pair["model"][k]) for k in base["model"])
