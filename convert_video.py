@@ -130,7 +130,7 @@ def paste_face(frame, face, matrix, landmarks, args, face_mask=None):
     inside = cv2.warpAffine(square, shift, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                             borderValue=0) > 0.5
     mask = utils.face_hull_mask(landmarks - [x0, y0], roi.shape, args.brow_lift) * inside
-    if face_mask is not None and getattr(args, "mask", "hull") != "hull":
+    if face_mask is not None and args.mask != "hull":
         learned = cv2.warpAffine(face_mask, shift, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                  borderValue=0) > 0.5
         mask = (learned * inside).astype(np.float32) if args.mask == "learned" else mask * learned

@@ -99,8 +99,6 @@ def tutorial_convert(video, ckpt_path, out_path, max_frames):
 
 def stages(video, model_dir, frames):
     """Frames/s of each stage alone, one process, all cores: where the time goes."""
-    import argparse as ap
-
     images = [f for _, f in zip(range(frames), utils.FrameSource(video))]
     rates = {}
     t = time.perf_counter()
@@ -113,8 +111,7 @@ def stages(video, model_dir, frames):
     model, _ = models.load_model(model_dir / models.CHECKPOINT)
     model.to(memory_format=torch.channels_last)
     faces = [[found[i][0][1]] if found[i] else [] for i in range(len(images))]
-    settings = ap.Namespace(color="rct", mask_erode=0.03, mask_blur=0.08, brow_lift=1.0, seamless=False,
-                            batch_size=16)
+    settings = convert_video.parse_args([])  # convert_video.py's blending defaults
     dtype = utils.pick_precision("auto", torch.device("cpu"))
     size = model.input_size
     crops = [utils.warp_face(f.image, utils.align_matrix(fl[0], size, 1.0), size) for f, fl in zip(images, faces)

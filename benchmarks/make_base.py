@@ -56,7 +56,8 @@ def export(model_dir, out, budget, model):
     card = [f"# {out.name}: a pretrained base for the `{model}` preset", "",
             f"Trained with `python benchmarks/make_base.py {budget}` "
             f"(train.py --pretrain --model {model} {' '.join(RECIPE)}) for {ckpt['step']} steps of 16 + 16 faces on a 2-core CPU.",
-            f"Start a new pair from it with `train.py --model {model} --init base/{out.name}` (demo.py does).", "",
+            f"Start a new pair from it with `train.py --model {model} --init base/{out.name}` "
+            "(or `demo.py --init auto`).", "",
             f"Data: {faces} aligned faces of {len(BASE_CLIPS)} clips of ../shared/data (about 20 people); none "
             "of the people the quality benchmark measures, no MEAD clip (research-only licence):", ""]
     card += [f"- `{clip}`: {source}" for clip, source in BASE_CLIPS.items()]
