@@ -144,11 +144,11 @@ def run(args):
     gallery = []
     if SHARED_DATA.is_dir():  # everyone of ../shared/data as the identity gallery (A and B by their own faces)
         gallery = ["--gallery", str(make_gallery(out / "gallery"))]
-        names = {path: person for person, patterns in SHARED_GALLERY.items() for pattern in patterns
+        names = {path.resolve(): person for person, patterns in SHARED_GALLERY.items() for pattern in patterns
                  for path in SHARED_DATA.glob(pattern)}
         for flag, video in (("--name-a", args.video_a), ("--name-b", args.video_b)):
-            if video.resolve() in {p.resolve() for p in names}:
-                gallery += [flag, next(n for p, n in names.items() if p.resolve() == video.resolve())]
+            if video.resolve() in names:
+                gallery += [flag, names[video.resolve()]]
     evaluate.main(["--converted-path", str(out / "swapped.mp4"), "--source-path", str(args.video_a),
                    "--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
                    "--heldout-a", str(out / "personA_heldout_face"), "--heldout-b", str(out / "personB_heldout_face"),
