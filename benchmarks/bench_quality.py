@@ -18,6 +18,8 @@ with the random warp and, for each budget, a branch that ends without it (as a r
 """
 import argparse
 import csv
+import importlib.util
+import io
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import tutorial
 from common import ROOT, VIDEOS, require_data
 
 import convert_video
@@ -76,6 +78,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=2, help="evaluate every Nth held-out frame")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only measure the recipes' speed (do it on an idle machine; later runs reuse it)")
+    p.add_argument("--stage", choices=["all", "train", "evaluate"], default="all",
+                   help="train: only train, keeping each budget's model in <budget>min/model (e.g. on a GPU "
+                        "machine, with the faces and rates.json of a run here); evaluate: only evaluate those "
+                        "models; all: both")
+    p.add_argument("--device", default="cpu",
+                   help="where to train (cpu, cuda, ...); budgets stay minutes of this CPU, from rates.json")
+    p.add_argument("--workers", type=int, default=1, help="train.py's batch-making processes")
     return p.parse_args(argv)
 
 
@@ -94,10 +103,22 @@ def flag(flags, name, default):
 # ---------------------------------------------------------------- data
 
 
+def check(returncode):
+    """Stop the benchmark when a step it runs fails (the step has printed why)."""
+    if returncode:
+        raise SystemExit(returncode)
+
+
 def prepare_pair(pair, out):
-    """Frames and faces of every clip, split into training and held-out parts; A's held-out frames in one folder."""
+    """Frames and faces of every clip, split into training and held-out parts; A's held-out frames in one folder.
+
+    Without the clips (a GPU machine given only the faces of a run here) the faces already in `out` are used."""
     clips_a, clips_b, _, _ = PAIRS[pair]
     root = out / pair / "data"
+    if not VIDEOS.is_dir():
+        return {side: ([root / side / Path(c).stem / "train_face" for c in clips],
+                       [root / side / Path(c).stem / "heldout_face" for c in clips])
+                for side, clips in (("A", clips_a), ("B", clips_b))}, root / "A_test_frames"
     sides = {}
     for side, clips in (("A", clips_a), ("B", clips_b)):
         train_faces, heldout_faces = [], []
@@ -106,8 +127,8 @@ def prepare_pair(pair, out):
             split = demo.split_seconds(video, HOLDOUT)
             base = root / side / Path(clip).stem
             for part, extra in (("train", ["--end", f"{split:.3f}"]), ("heldout", ["--start", f"{split:.3f}"])):
-                crop_from_video.main(["--video-path", str(video), "--save-dir", str(base / part)] + extra)
-                crop_face.main(["--images-dir", str(base / part), "--faces-dir", str(base / f"{part}_face")])
+                check(crop_from_video.main(["--video-path", str(video), "--save-dir", str(base / part)] + extra))
+                check(crop_face.main(["--images-dir", str(base / part), "--faces-dir", str(base / f"{part}_face")]))
             train_faces.append(base / "train_face")
             heldout_faces.append(base / "heldout_face")
         sides[side] = (train_faces, heldout_faces)
@@ -126,13 +147,13 @@ def prepare_pair(pair, out):
 # ---------------------------------------------------------------- training
 
 
-def train_flags(flags, faces, model_dir, iterations, no_warp_last=None):
-    extra = list(flags)
+def train_flags(flags, faces, model_dir, iterations, no_warp_last=None, device="cpu", workers=1):
+    extra = list(flags) + ["--device", device, "--workers", str(workers)]
     if no_warp_last is not None:
         extra = strip(extra, "--no-warp-last") + ["--no-warp-last", str(no_warp_last)]
     return (["--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
              "--model-dir", str(model_dir), "--iterations", str(iterations), "--save-every", "1000000",
-             "--preview-every", "1000000", "--log-every", "10", "--workers", "1"] + extra)
+             "--preview-every", "1000000", "--log-every", "10"] + extra)
 
 
 def strip(flags, name):
@@ -142,23 +163,27 @@ def strip(flags, name):
     return flags[:i] + flags[i + 2:]
 
 
-def calibrate(flags, faces, work, seconds):
+def on_device(args):
+    return dict(device=args.device, workers=args.workers)
+
+
+def calibrate(flags, faces, work, seconds, **on):
     """Samples per second of a recipe on this machine (median of its log after the first steps)."""
     cal = work / "calibration"
     shutil.rmtree(cal, ignore_errors=True)
     if flags == "tutorial":
         faces_a, faces_b = (train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB")
         times = []
-        for _, _, t in tutorial_steps(faces_a, faces_b, 64, 10 ** 9):
-            times.append(t)
+        for state in tutorial.steps(faces_a, faces_b):
+            times.append(state["seconds"])
             if sum(times) > seconds and len(times) >= 3:
                 break
-        return 2 * 64 * (len(times) - 1) / sum(times[1:])
+        return 2 * tutorial.BATCH_SIZE * (len(times) - 1) / sum(times[1:])
     start = time.time()
-    train.main(train_flags(strip(flags, "--warmup"), faces, cal, 10, no_warp_last=0))  # a first guess
+    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, 10, no_warp_last=0, **on)))  # a first guess
     steps = 10 + int(10 * seconds / (time.time() - start))
     shutil.rmtree(cal)
-    train.main(train_flags(strip(flags, "--warmup"), faces, cal, steps, no_warp_last=0))
+    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, steps, no_warp_last=0, **on)))
     rows = [float(r["samples_per_s"]) for r in csv.DictReader(open(cal / "log.csv"))]
     shutil.rmtree(cal)
     return float(np.median(rows[2:] if len(rows) > 4 else rows[-1:]))  # the first rows hold the start-up
@@ -169,6 +194,9 @@ def recipe_rate(name, flags, faces, args):
     path = args.out / "rates.json"
     rates = json.loads(path.read_text()) if path.is_file() else {}
     if rates.get(name, {}).get("flags") != flags:
+        if args.device != "cpu":
+            raise SystemExit(f"no CPU speed of recipe {name} in {path}: measure it on the CPU first "
+                             "(--calibrate-only), then train elsewhere with that file")
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or 1)  # the speed of an idle machine, whatever --threads says
         rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds)
@@ -177,30 +205,6 @@ def recipe_rate(name, flags, faces, args):
         rates[name] = dict(samples_per_s=round(rate, 3), flags=flags, measured=time.strftime("%Y-%m-%d %H:%M"))
         path.write_text(json.dumps(rates, indent=1) + "\n")
     return rates[name]["samples_per_s"]
-
-
-def tutorial_steps(faces_a, faces_b, batch_size, steps, seed=0, model=None):
-    """The tutorial's loop, faithfully (original model, two Adams that both step the encoder, fp32, L1):
-    yields (model, step, seconds) after each step."""
-    torch.manual_seed(seed)
-    model = model or models.build_model(models.model_config("original"))
-    opt_1 = torch.optim.Adam([*model.encoder.parameters(), *model.decoder_a.parameters()], lr=5e-5,
-                             betas=(0.5, 0.999))
-    opt_2 = torch.optim.Adam([*model.encoder.parameters(), *model.decoder_b.parameters()], lr=5e-5,
-                             betas=(0.5, 0.999))
-    for step in range(steps):
-        t = time.perf_counter()
-        warped_a, target_a, _ = train.make_batch(faces_a, np.random.default_rng([seed, 0, step, 0]), batch_size, 64)
-        warped_b, target_b, _ = train.make_batch(faces_b, np.random.default_rng([seed, 0, step, 1]), batch_size, 64)
-        opt_1.zero_grad()
-        opt_2.zero_grad()
-        loss_1 = F.l1_loss(model(warped_a, "a"), target_a)
-        loss_2 = F.l1_loss(model(warped_b, "b"), target_b)
-        loss_1.backward()
-        loss_2.backward()
-        opt_1.step()
-        opt_2.step()
-        yield model, step + 1, time.perf_counter() - t
 
 
 def budget_steps(rate, minutes, batch):
@@ -214,13 +218,13 @@ def evaluate_budget(model_dir, test_frames, faces, names, gallery, out, every):
     """Convert A's held-out frames with the model in model_dir and measure the swap."""
     swapped = out / "swapped"
     shutil.rmtree(swapped, ignore_errors=True)
-    convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir),
-                        "--output-path", str(swapped), "--workers", "1"])
-    evaluate.main(["--converted-path", str(swapped), "--source-path", str(test_frames),
+    check(convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir),
+                        "--output-path", str(swapped), "--workers", "1"]))
+    check(evaluate.main(["--converted-path", str(swapped), "--source-path", str(test_frames),
                    "--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
                    "--heldout-a", *map(str, faces["A"][1]), "--heldout-b", *map(str, faces["B"][1]),
                    "--gallery", str(gallery), "--name-a", names[0], "--name-b", names[1],
-                   "--model-dir", str(model_dir), "--out-dir", str(out), "--every", str(every)])
+                   "--model-dir", str(model_dir), "--out-dir", str(out), "--every", str(every)]))
     shutil.rmtree(swapped)
     return json.loads((out / "evaluation.json").read_text())
 
@@ -243,71 +247,120 @@ def run_recipe(pair, spec, args, gallery):
     work = args.out / pair / name
     work.mkdir(parents=True, exist_ok=True)
     rate = recipe_rate(name, flags, faces, args)
-    batch = 64 if flags == "tutorial" else flag(flags, "--batch-size", 64)
+    batch = tutorial.BATCH_SIZE if flags == "tutorial" else flag(flags, "--batch-size", 64)
     print(f"\n== {pair} / {name}: {rate:.1f} samples/s on this machine", flush=True)
     rows = []
     trunk = work / "model"
-    tutorial = None
+    loop = None
+    on = on_device(args)
     for minutes in sorted(args.budgets):
         steps = budget_steps(rate, minutes, batch)
         out = work / f"{minutes:g}min"
+        kept = out / "model"  # the model of a --stage train run
         started = time.time()
-        if flags == "tutorial":
-            tutorial = tutorial or dict(faces=[train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB"])
-            model_dir = train_tutorial(tutorial, steps, trunk)
+        if args.stage == "evaluate":
+            model_dir = kept
+            fill_identities(model_dir / models.CHECKPOINT, faces)
+        elif flags == "tutorial":
+            loop = loop or tutorial_loop(faces, trunk / models.CHECKPOINT)
+            model_dir = train_tutorial(loop, steps, trunk)
         else:
             no_warp = flag(flags, "--no-warp-last", 0.0)
             if no_warp > 0:  # trunk with warp to where this budget's no-warp end begins, then a branch
                 start = round((1 - no_warp) * steps)
-                train.main(train_flags(flags, faces, trunk, start, no_warp_last=0))
+                check(train.main(train_flags(flags, faces, trunk, start, no_warp_last=0, **on)))
                 model_dir = work / "branch"
                 shutil.rmtree(model_dir, ignore_errors=True)
                 shutil.copytree(trunk, model_dir)
-                train.main(train_flags(flags, faces, model_dir, steps))
+                check(train.main(train_flags(flags, faces, model_dir, steps, **on)))
             else:
-                train.main(train_flags(flags, faces, trunk, steps))
+                check(train.main(train_flags(flags, faces, trunk, steps, **on)))
                 model_dir = trunk
         train_seconds = time.time() - started
+        if args.stage == "train":
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.mkdir(parents=True)
+            shutil.copy(model_dir / models.CHECKPOINT, kept / models.CHECKPOINT)
+            utils.write_json(kept / "trained.json", dict(device=device_name(args.device), steps=steps,
+                                                          seconds=round(train_seconds, 1)))
+            print(f"{pair} / {name} / {minutes:g} min: {steps} steps in {train_seconds:.0f} s -> {kept}", flush=True)
+            continue
         result = evaluate_budget(model_dir, test_frames, faces, names, gallery, out, args.eval_every)
         row = summary_row(pair, name, minutes, steps, result)
-        row.update(samples_per_s=round(rate, 2), train_wall_s=round(train_seconds, 1))
+        trained = utils.read_json(kept / "trained.json") if args.stage == "evaluate" else dict(
+            device=device_name(args.device), seconds=round(train_seconds, 1))
+        row.update(samples_per_s=round(rate, 2), trained_on=trained["device"], train_wall_s=trained["seconds"])
         (out / "budget.json").write_text(json.dumps(dict(row, recipe_flags=flags), indent=1) + "\n")
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def train_tutorial(state, steps, model_dir):
-    """Continue the tutorial's loop to `steps` and save a checkpoint convert_video.py can use."""
-    if "steps" not in state:
-        state["steps"] = tutorial_steps(*state["faces"], 64, 10 ** 9)
-        state["step"] = 0
-    model = None
-    while state["step"] < steps:
-        model, state["step"], _ = next(state["steps"])
-        state["model"] = model
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model = state["model"]
-    train.save_checkpoint(model_dir, dict(model=model.state_dict(), optimizer={}, step=state["step"],
-                                          config=model.config), is_best=False)
+def device_name(device):
+    """'cpu', or the GPU's name: where a budget's steps were trained."""
+    return device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+
+
+def fill_identities(path, faces):
+    """Give a checkpoint trained without dlib (--stage train on a GPU machine) the people's identities, as
+    train.py records them, so that convert_video.py picks the person the same way."""
+    if not path.is_file():
+        raise SystemExit(f"no model at {path}: train it first (--stage train)")
+    ckpt = models.load_checkpoint(path)
+    if ckpt.get("identities"):
+        return
+    ckpt["identities"] = {s.lower(): train.load_training_faces(faces[s][0], quiet=True, identity=True)[1]
+                          for s in "AB"}
+    utils.write_bytes_atomic(path, torch_bytes(ckpt))
+
+
+def torch_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def tutorial_loop(faces, path):
+    """The tutorial's loop, going on from the checkpoint at `path` if an earlier run left one."""
+    resume = models.load_checkpoint(path) if path.is_file() else None
+    return tutorial.steps(*(train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB"), resume=resume)
+
+
+def train_tutorial(loop, steps, model_dir):
+    """Run the tutorial's loop to `steps` and save a checkpoint (with both optimizers) into model_dir."""
+    path = model_dir / models.CHECKPOINT
+    done = models.load_checkpoint(path)["step"] if path.is_file() else 0
+    if done > steps:
+        raise SystemExit(f"{path} is at step {done}, past this budget's {steps}: move it away to train again")
+    state = None
+    while done < steps:
+        state = next(loop)
+        done = state["step"]
+    if state is not None:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        train.save_checkpoint(model_dir, tutorial.checkpoint(state), is_best=False)
     return model_dir
 
 
 def markdown(rows):
     head = "| pair | recipe | minutes | steps | ID top-1 | target rank | 2-person | sharpness | pose (deg) | " \
-           "landmarks | flicker |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+           "landmarks | flicker | trained on |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     return head + "".join(f"| {r['pair']} | {r['recipe']} | {r['minutes']:g} | {r['steps']} | {r['top1']:.2f} | "
                           f"{r['rank']:.2f} | {r['two_person']:.2f} | {r['sharpness']:.3f} | {r['pose_deg']:.2f} | "
-                          f"{r['landmarks']:.3f} | {r['flicker']:.2f} |\n" for r in rows)
+                          f"{r['landmarks']:.3f} | {r['flicker']:.2f} | {r.get('trained_on', 'cpu')} |\n"
+                          for r in rows)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    require_data()
+    if args.stage != "train" and not (args.calibrate_only and args.device != "cpu"):
+        require_data()
+    elif importlib.util.find_spec("dlib") is None:  # a GPU machine without dlib: --stage evaluate adds them
+        train.person_identity = lambda faces, landmarks: None
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    gallery = demo.make_gallery(args.out / "gallery")
+    gallery = demo.make_gallery(args.out / "gallery") if args.stage != "train" else None
     rows = []
     summary = args.out / "summary.json"
     previous = json.loads(summary.read_text()) if summary.is_file() else []
@@ -315,16 +368,27 @@ def main(argv=None):
         faces, _ = prepare_pair(args.pairs[0], args.out)
         for spec in args.recipes:
             name, flags = recipe_flags(spec)
-            print(f"{name}: {recipe_rate(name, flags, faces, args):.2f} samples/s")
+            if args.device == "cpu":
+                print(f"{name}: {recipe_rate(name, flags, faces, args):.2f} samples/s")
+            else:  # another device's speed, for comparison only (budgets stay minutes of this CPU)
+                rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds, **on_device(args))
+                print(f"{name} on {args.device}: {rate:.2f} samples/s")
+                path = args.out / f"rates_{args.device.replace(':', '')}.json"
+                rates = utils.read_json(path) if path.is_file() else {}
+                rates[name] = dict(samples_per_s=round(rate, 3), flags=flags, measured=time.strftime("%Y-%m-%d %H:%M"))
+                utils.write_json(path, rates)
         return 0
     for pair in args.pairs:
         for spec in args.recipes:
             rows += run_recipe(pair, spec, args, gallery)
+            if args.stage == "train":
+                continue
             done = {(r["pair"], r["recipe"], r["minutes"]) for r in rows}
             kept = [r for r in previous if (r["pair"], r["recipe"], r["minutes"]) not in done]
             summary.write_text(json.dumps(kept + rows, indent=1) + "\n")
             (args.out / "summary.md").write_text(markdown(kept + rows))
-    print(markdown(rows))
+    if rows:
+        print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ All on the same real faces (Obama / Andrew) in one run, batch 64+64 by default.
     python benchmarks/bench_train.py --curve-steps 200 --batch-size 16    # loss curves, ours vs tutorial
 """
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import tutorial
 from common import VIDEOS, report, require_data
 
 import crop_face
@@ -31,31 +32,14 @@ def prepare_faces(tmp, frames):
         crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(tmp / name),
                               "--max-frames", str(frames)])
         crop_face.main(["--images-dir", str(tmp / name), "--faces-dir", str(tmp / f"{name}_face")])
-        dirs.append(utils.load_faces(tmp / f"{name}_face", quiet=True)[0])
+        dirs.append(train.load_training_faces([tmp / f"{name}_face"], quiet=True)[0])
     return dirs
 
 
-def tutorial_steps(faces_a, faces_b, batch_size, steps, seed=0):
-    """The tutorial's loop, faithfully: yields (loss_a, loss_b, seconds) per step."""
-    torch.manual_seed(seed)
-    model = models.build_model(models.model_config("original"))
-    opt_1 = torch.optim.Adam([{"params": model.encoder.parameters()}, {"params": model.decoder_a.parameters()}],
-                             lr=5e-5, betas=(0.5, 0.999))
-    opt_2 = torch.optim.Adam([{"params": model.encoder.parameters()}, {"params": model.decoder_b.parameters()}],
-                             lr=5e-5, betas=(0.5, 0.999))
-    for step in range(steps):
-        t = time.perf_counter()
-        opt_1.zero_grad()
-        opt_2.zero_grad()
-        warped_a, target_a = train.make_batch(faces_a, np.random.default_rng([seed, 0, step, 0]), batch_size, 64)
-        warped_b, target_b = train.make_batch(faces_b, np.random.default_rng([seed, 0, step, 1]), batch_size, 64)
-        loss_1 = F.l1_loss(model(warped_a, "a"), target_a)
-        loss_2 = F.l1_loss(model(warped_b, "b"), target_b)
-        loss_1.backward()
-        loss_2.backward()
-        opt_1.step()
-        opt_2.step()
-        yield loss_1.item(), loss_2.item(), time.perf_counter() - t
+def tutorial_steps(faces_a, faces_b, batch_size, steps):
+    """The tutorial's loop (benchmarks/tutorial.py): yields (loss_a, loss_b, seconds) per step."""
+    for state in itertools.islice(tutorial.steps(faces_a, faces_b, batch_size), steps):
+        yield state["loss_a"], state["loss_b"], state["seconds"]
 
 
 def our_steps(faces_a, faces_b, batch_size, steps, precision, seed=0, workers=1):
@@ -71,7 +55,7 @@ def our_steps(faces_a, faces_b, batch_size, steps, precision, seed=0, workers=1)
     for _ in range(steps):
         t = time.perf_counter()
         batch = next(loader)
-        loss_a, loss_b = train.train_step(net, opt, batch, F.l1_loss, device, dtype, scaler)
+        loss_a, loss_b = train.train_step(net, opt, batch, train.reconstruction_loss("l1"), device, dtype, scaler)
         yield loss_a, loss_b, time.perf_counter() - t
 
 
