@@ -51,6 +51,8 @@ MASK_ERODE = 0.03                            # mask erosion, as a fraction of th
 MASK_BLUR = 0.08                             # mask feathering, as a fraction of the face width
 MASK = "both"                                # hull (landmarks), learned (the model's own) or both (intersected)
 SMOOTH = 0.5                                 # share of the previous frame's landmarks kept (0 = off)
+SHARPEN = "auto"                             # unsharp amount on the swapped face: 0 = off, auto = the video's detail
+AUTO_SHARPEN_MAX = 2.0                       # the most --sharpen auto applies
 BATCH_SIZE = 16                              # faces per model call
 WORKERS = 1                                  # detection processes (measured fastest on 2 cores, see README)
 IDENTITY_THRESHOLD = 0.6                     # face-recognition distance under which a face is the person
@@ -81,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--mask-blur", type=float, default=MASK_BLUR, help="mask feathering (fraction of face width)")
     p.add_argument("--brow-lift", type=float, default=1.0, help="how far the mask reaches above the brows")
     p.add_argument("--seamless", action="store_true", help="Poisson (seamless clone) blending; may flicker")
+    p.add_argument("--sharpen", type=sharpen_amount, default=SHARPEN,
+                   help="unsharp mask on the swapped face, at the scale the model's face is enlarged by: an amount "
+                        "(e.g. 0.5; 0 = off), or auto: as much as brings the face's fine detail up to that of the "
+                        f"face it replaces in this video (at most {AUTO_SHARPEN_MAX:g})")
     p.add_argument("--smooth", type=float, default=SMOOTH, help="temporal landmark smoothing 0..0.95 (0 = off)")
     p.add_argument("--start-frame", type=utils.non_negative_int, default=0, help="first frame to convert")
     p.add_argument("--max-frames", type=utils.non_negative_int, default=0, help="convert at most N frames (0 = all)")
@@ -98,6 +104,19 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
+
+
+def sharpen_amount(text):
+    """--sharpen: 'auto' or an amount >= 0."""
+    if text == "auto":
+        return text
+    try:
+        amount = float(text)
+    except ValueError:
+        amount = -1
+    if not amount >= 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got {text!r}")
+    return amount
 
 
 # ---------------------------------------------------------------- the swap
@@ -136,6 +155,8 @@ def paste_face(frame, face, matrix, landmarks, args, face_mask=None):
         mask = (learned * inside).astype(np.float32) if args.mask == "learned" else mask * learned
     mask = erode_and_blur(mask, face_width * args.mask_erode, blur_px)
     swapped = color_transfer(swapped, roi, mask, args.color)
+    if args.sharpen != 0:
+        swapped = sharpen(swapped, roi, mask, face_width / size, args.sharpen)
     out = frame.copy()
     if args.seamless and (mask > 0.5).any():
         binary = (mask > 0.5).astype(np.uint8) * 255
@@ -176,6 +197,31 @@ def swap_faces(model, frames, faces, side, settings, device=None, dtype=None):
     for (i, matrix, landmarks), face, mask in zip(jobs, outputs, masks):
         result[i] = paste_face(result[i], face, matrix, landmarks, settings, mask)
     return result
+
+
+def sharpen(face, source, mask, upscale, amount):
+    """Unsharp mask of the pasted face, at the scale the model's face was enlarged by (`upscale` frame pixels
+    per model pixel). amount "auto": as much as brings the face's fine detail (variance of the grey
+    Laplacian where mask > 0.5) up to that of `source`, the face it replaces, at most AUTO_SHARPEN_MAX;
+    never more than the source has, so a soft or grainy video gets a face of its own kind."""
+    face = face.astype(np.float32)
+    detail = face - cv2.GaussianBlur(face, (0, 0), max(0.8, upscale / 2))
+    if amount == "auto":
+        inside = mask > 0.5
+        if inside.sum() < 16:
+            return face
+        l_face, l_detail, l_source = (
+            cv2.Laplacian(cv2.cvtColor(image.astype(np.float32), cv2.COLOR_BGR2GRAY), cv2.CV_32F)[inside]
+            .astype(np.float64) for image in (face, detail, source))  # linear: face + a detail -> l_face + a l_detail
+        target = l_source.var() - 20 / 12  # less the Laplacian of 8-bit rounding, which the pasted face gets again
+        # var(l_face + a l_detail) = target, a quadratic in a; its larger root (the smaller is negative)
+        a2 = l_detail.var()
+        a1 = 2 * np.mean((l_face - l_face.mean()) * (l_detail - l_detail.mean()))
+        a0 = l_face.var() - target
+        if a0 >= 0 or a2 <= 0:
+            return face
+        amount = min(AUTO_SHARPEN_MAX, (-a1 + np.sqrt(a1 * a1 - 4 * a2 * a0)) / (2 * a2))
+    return np.clip(face + amount * detail, 0, 255)
 
 
 def erode_and_blur(mask, erode_px, blur_px):

@@ -22,6 +22,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -85,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu",
                    help="where to train (cpu, cuda, ...); budgets stay minutes of this CPU, from rates.json")
     p.add_argument("--workers", type=int, default=1, help="train.py's batch-making processes")
+    p.add_argument("--convert-flags", default="",
+                   help="convert_video.py flags for the swap (e.g. '--sharpen 0'); the results go to "
+                        "<budget>min_<flags>/ and the summary names the recipe with them")
     return p.parse_args(argv)
 
 
@@ -214,12 +218,12 @@ def budget_steps(rate, minutes, batch):
 # ---------------------------------------------------------------- the curve
 
 
-def evaluate_budget(model_dir, test_frames, faces, names, gallery, out, every):
+def evaluate_budget(model_dir, test_frames, faces, names, gallery, out, every, convert_flags=""):
     """Convert A's held-out frames with the model in model_dir and measure the swap."""
     swapped = out / "swapped"
     shutil.rmtree(swapped, ignore_errors=True)
     check(convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir),
-                        "--output-path", str(swapped), "--workers", "1"]))
+                        "--output-path", str(swapped), "--workers", "1"] + convert_flags.split()))
     check(evaluate.main(["--converted-path", str(swapped), "--source-path", str(test_frames),
                    "--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
                    "--heldout-a", *map(str, faces["A"][1]), "--heldout-b", *map(str, faces["B"][1]),
@@ -255,12 +259,11 @@ def run_recipe(pair, spec, args, gallery):
     on = on_device(args)
     for minutes in sorted(args.budgets):
         steps = budget_steps(rate, minutes, batch)
-        out = work / f"{minutes:g}min"
-        kept = out / "model"  # the model of a --stage train run
+        kept = work / f"{minutes:g}min" / "model"  # this budget's model (weights only)
+        out = kept.parent if not args.convert_flags else work / f"{minutes:g}min_{slug(args.convert_flags)}"
         started = time.time()
         if args.stage == "evaluate":
-            model_dir = kept
-            fill_identities(model_dir / models.CHECKPOINT, faces)
+            fill_identities(kept / models.CHECKPOINT, faces)
         elif flags == "tutorial":
             loop = loop or tutorial_loop(faces, trunk / models.CHECKPOINT)
             model_dir = train_tutorial(loop, steps, trunk)
@@ -276,24 +279,35 @@ def run_recipe(pair, spec, args, gallery):
             else:
                 check(train.main(train_flags(flags, faces, trunk, steps, **on)))
                 model_dir = trunk
-        train_seconds = time.time() - started
-        if args.stage == "train":
-            shutil.rmtree(kept, ignore_errors=True)
-            kept.mkdir(parents=True)
-            shutil.copy(model_dir / models.CHECKPOINT, kept / models.CHECKPOINT)
-            utils.write_json(kept / "trained.json", dict(device=device_name(args.device), steps=steps,
-                                                          seconds=round(train_seconds, 1)))
-            print(f"{pair} / {name} / {minutes:g} min: {steps} steps in {train_seconds:.0f} s -> {kept}", flush=True)
-            continue
-        result = evaluate_budget(model_dir, test_frames, faces, names, gallery, out, args.eval_every)
-        row = summary_row(pair, name, minutes, steps, result)
-        trained = utils.read_json(kept / "trained.json") if args.stage == "evaluate" else dict(
-            device=device_name(args.device), seconds=round(train_seconds, 1))
+        if args.stage != "evaluate":
+            seconds = round(time.time() - started, 1)
+            keep_model(model_dir / models.CHECKPOINT, kept, dict(device=device_name(args.device), steps=steps,
+                                                                 seconds=seconds))
+            print(f"{pair} / {name} / {minutes:g} min: {steps} steps in {seconds:.0f} s -> {kept}", flush=True)
+            if args.stage == "train":
+                continue
+        result = evaluate_budget(kept, test_frames, faces, names, gallery, out, args.eval_every, args.convert_flags)
+        row = summary_row(pair, name + (f" ({args.convert_flags})" if args.convert_flags else ""), minutes, steps,
+                          result)
+        trained = utils.read_json(kept / "trained.json")
         row.update(samples_per_s=round(rate, 2), trained_on=trained["device"], train_wall_s=trained["seconds"])
         (out / "budget.json").write_text(json.dumps(dict(row, recipe_flags=flags), indent=1) + "\n")
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def keep_model(path, folder, trained):
+    """This budget's model, weights only (what convert_video.py needs), and where it was trained."""
+    ckpt = models.load_checkpoint(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    utils.write_bytes_atomic(folder / models.CHECKPOINT, torch_bytes(
+        {k: ckpt[k] for k in ("model", "config", "step", "identities") if k in ckpt}))
+    utils.write_json(folder / "trained.json", trained)
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
 
 
 def device_name(device):

@@ -2,6 +2,7 @@
 import json
 
 import av
+import cv2
 import numpy as np
 import pytest
 from conftest import OBAMA, make_clip, need_data, run_main
@@ -172,7 +173,7 @@ def test_learned_mask_limits_what_is_pasted(obama_faces):
 
     def changed(mask, face_mask):
         settings = SimpleNamespace(color="none", mask=mask, mask_erode=0.03, mask_blur=0.08, brow_lift=1.0,
-                                   seamless=False)
+                                   seamless=False, sharpen=0)
         out = convert_video.paste_face(frame, face, matrix, landmarks, settings, face_mask)
         return (out != frame).any(2)
 
@@ -183,3 +184,33 @@ def test_learned_mask_limits_what_is_pasted(obama_faces):
     assert 0.2 * hull.sum() < both.sum() < 0.8 * hull.sum() and not (both & ~hull).any()
     assert not both[int(landmarks[utils.MOUTH][:, 1].max()) + 2:].any()  # nothing below the mouth is pasted
     assert not changed("learned", np.zeros((size, size), np.float32)).any()
+
+
+def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_faces):
+    """--sharpen auto: a face drawn at 64 px and enlarged gains fine detail, up to the face it replaces; over a
+    soft (blurred) video it adds nothing beyond that video's own detail. A bad amount is a one-line error."""
+    from types import SimpleNamespace
+    record = json.loads((obama_faces / "faces" / "alignments.json").read_text())["frames"]["000000.png"]
+    landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
+    sharp = utils.read_image(obama_faces / "frames" / "000000.png")
+
+    def pasted(frame, sharpen):
+        matrix = utils.align_matrix(landmarks, 64)
+        face = cv2.warpAffine(frame, matrix, (64, 64), flags=cv2.INTER_AREA)  # what a 64 px model draws at best
+        settings = SimpleNamespace(color="none", mask="hull", mask_erode=0.03, mask_blur=0.08, brow_lift=1.0,
+                                   seamless=False, sharpen=sharpen)
+        return utils.sharpness(convert_video.paste_face(frame, face, matrix, landmarks, settings), landmarks)
+
+    source, soft, auto = utils.sharpness(sharp, landmarks), pasted(sharp, 0), pasted(sharp, "auto")
+    assert soft < 0.6 * source  # enlarging a 64 px face loses detail ...
+    assert soft * 1.3 < auto <= source * 1.02  # ... auto gives much of it back, never more than the source has
+    assert pasted(sharp, 1.5) > soft * 1.3  # a fixed amount sharpens too
+
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 2.0)
+    # over a soft video it adds nothing: no more than that video's detail, or what pasting alone gives
+    assert pasted(blurred, "auto") <= 1.02 * max(utils.sharpness(blurred, landmarks), pasted(blurred, 0))
+
+    for bad in ("-1", "lots"):
+        with pytest.raises(SystemExit) as e:
+            convert_video.parse_args(["--sharpen", bad])
+        assert e.value.code == 2
