@@ -19,7 +19,6 @@ with the random warp and, for each budget, a branch that ends without it (as a r
 import argparse
 import csv
 import importlib.util
-import io
 import json
 import os
 import re
@@ -119,25 +118,20 @@ def prepare_pair(pair, out):
     Without the clips (a GPU machine given only the faces of a run here) the faces already in `out` are used."""
     clips_a, clips_b, _, _ = PAIRS[pair]
     root = out / pair / "data"
-    if not VIDEOS.is_dir():
-        return {side: ([root / side / Path(c).stem / "train_face" for c in clips],
-                       [root / side / Path(c).stem / "heldout_face" for c in clips])
-                for side, clips in (("A", clips_a), ("B", clips_b))}, root / "A_test_frames"
     sides = {}
     for side, clips in (("A", clips_a), ("B", clips_b)):
-        train_faces, heldout_faces = [], []
-        for clip in clips:
+        bases = [root / side / Path(clip).stem for clip in clips]
+        sides[side] = ([b / "train_face" for b in bases], [b / "heldout_face" for b in bases])
+        if not VIDEOS.is_dir():
+            continue
+        for clip, base in zip(clips, bases):
             video = VIDEOS / clip
             split = demo.split_seconds(video, HOLDOUT)
-            base = root / side / Path(clip).stem
             for part, extra in (("train", ["--end", f"{split:.3f}"]), ("heldout", ["--start", f"{split:.3f}"])):
                 check(crop_from_video.main(["--video-path", str(video), "--save-dir", str(base / part)] + extra))
                 check(crop_face.main(["--images-dir", str(base / part), "--faces-dir", str(base / f"{part}_face")]))
-            train_faces.append(base / "train_face")
-            heldout_faces.append(base / "heldout_face")
-        sides[side] = (train_faces, heldout_faces)
     test_frames = root / "A_test_frames"  # A's held-out frames of every clip, in clip order
-    if not test_frames.is_dir():
+    if VIDEOS.is_dir() and not test_frames.is_dir():
         tmp = test_frames.with_name(test_frames.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -193,10 +187,18 @@ def calibrate(flags, faces, work, seconds, **on):
     return float(np.median(rows[2:] if len(rows) > 4 else rows[-1:]))  # the first rows hold the start-up
 
 
+def record_rate(path, name, flags, rate):
+    """Add a recipe's measured samples/s to a rates file (re-read first: other runs may have added theirs)."""
+    rates = utils.read_json(path) if path.is_file() else {}
+    rates[name] = dict(samples_per_s=round(rate, 3), flags=flags, measured=time.strftime("%Y-%m-%d %H:%M"))
+    utils.write_json(path, rates)
+    return rates
+
+
 def recipe_rate(name, flags, faces, args):
     """A recipe's samples/s, measured once per output folder (out/rates.json) and reused for every pair."""
     path = args.out / "rates.json"
-    rates = json.loads(path.read_text()) if path.is_file() else {}
+    rates = utils.read_json(path) if path.is_file() else {}
     if rates.get(name, {}).get("flags") != flags:
         if args.device != "cpu":
             raise SystemExit(f"no CPU speed of recipe {name} in {path}: measure it on the CPU first "
@@ -205,9 +207,7 @@ def recipe_rate(name, flags, faces, args):
         torch.set_num_threads(os.cpu_count() or 1)  # the speed of an idle machine, whatever --threads says
         rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds)
         torch.set_num_threads(threads)
-        rates = json.loads(path.read_text()) if path.is_file() else {}
-        rates[name] = dict(samples_per_s=round(rate, 3), flags=flags, measured=time.strftime("%Y-%m-%d %H:%M"))
-        path.write_text(json.dumps(rates, indent=1) + "\n")
+        rates = record_rate(path, name, flags, rate)
     return rates[name]["samples_per_s"]
 
 
@@ -223,12 +223,12 @@ def evaluate_budget(model_dir, test_frames, faces, names, gallery, out, every, c
     swapped = out / "swapped"
     shutil.rmtree(swapped, ignore_errors=True)
     check(convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir),
-                        "--output-path", str(swapped), "--workers", "1"] + convert_flags.split()))
+                              "--output-path", str(swapped), "--workers", "1"] + convert_flags.split()))
     check(evaluate.main(["--converted-path", str(swapped), "--source-path", str(test_frames),
-                   "--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
-                   "--heldout-a", *map(str, faces["A"][1]), "--heldout-b", *map(str, faces["B"][1]),
-                   "--gallery", str(gallery), "--name-a", names[0], "--name-b", names[1],
-                   "--model-dir", str(model_dir), "--out-dir", str(out), "--every", str(every)]))
+                         "--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
+                         "--heldout-a", *map(str, faces["A"][1]), "--heldout-b", *map(str, faces["B"][1]),
+                         "--gallery", str(gallery), "--name-a", names[0], "--name-b", names[1],
+                         "--model-dir", str(model_dir), "--out-dir", str(out), "--every", str(every)]))
     shutil.rmtree(swapped)
     return json.loads((out / "evaluation.json").read_text())
 
@@ -301,8 +301,8 @@ def keep_model(path, folder, trained):
     """This budget's model, weights only (what convert_video.py needs), and where it was trained."""
     ckpt = models.load_checkpoint(path)
     folder.mkdir(parents=True, exist_ok=True)
-    utils.write_bytes_atomic(folder / models.CHECKPOINT, torch_bytes(
-        {k: ckpt[k] for k in ("model", "config", "step", "identities") if k in ckpt}))
+    train.save_checkpoint(folder, {k: ckpt[k] for k in ("model", "config", "step", "identities") if k in ckpt},
+                          is_best=False)
     utils.write_json(folder / "trained.json", trained)
 
 
@@ -325,13 +325,7 @@ def fill_identities(path, faces):
         return
     ckpt["identities"] = {s.lower(): train.load_training_faces(faces[s][0], quiet=True, identity=True)[1]
                           for s in "AB"}
-    utils.write_bytes_atomic(path, torch_bytes(ckpt))
-
-
-def torch_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    train.save_checkpoint(path.parent, ckpt, is_best=False)
 
 
 def tutorial_loop(faces, path):
@@ -387,10 +381,7 @@ def main(argv=None):
             else:  # another device's speed, for comparison only (budgets stay minutes of this CPU)
                 rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds, **on_device(args))
                 print(f"{name} on {args.device}: {rate:.2f} samples/s")
-                path = args.out / f"rates_{args.device.replace(':', '')}.json"
-                rates = utils.read_json(path) if path.is_file() else {}
-                rates[name] = dict(samples_per_s=round(rate, 3), flags=flags, measured=time.strftime("%Y-%m-%d %H:%M"))
-                utils.write_json(path, rates)
+                record_rate(args.out / f"rates_{args.device.replace(':', '')}.json", name, flags, rate)
         return 0
     for pair in args.pairs:
         for spec in args.recipes:
