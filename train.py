@@ -202,6 +202,10 @@ def _worker_init(_):
 
 
 def batch_loader(dataset, start_step, workers):
+    if workers:
+        # OpenCV's thread pool does not survive fork: a worker forked while the pool's threads sleep hangs
+        # for ever in _worker_init's setNumThreads. One thread here stops the pool; train() restores it.
+        cv2.setNumThreads(1)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start_step, 2 ** 62), num_workers=workers,
         worker_init_fn=_worker_init, prefetch_factor=2 if workers else None)
@@ -359,7 +363,8 @@ def make_optimizer(model, lr):
 
 
 def prepare(args, device, quiet):
-    """(model, optimizer, step, best loss): a new model, or the checkpoint's state when one exists (resume)."""
+    """(model, optimizer, step, best loss, identities): a new model (identities None), or the checkpoint's state
+    when one exists (resume)."""
     ckpt_path = args.model_dir / models.CHECKPOINT
     if not ckpt_path.exists():
         torch.manual_seed(args.seed)
@@ -367,7 +372,7 @@ def prepare(args, device, quiet):
         if args.init:
             init_from(model, args.init, quiet)
         model.to(device).to(memory_format=torch.channels_last)
-        return model, make_optimizer(model, args.lr), 0, math.inf
+        return model, make_optimizer(model, args.lr), 0, math.inf, None
     if args.init and not quiet:
         print(f"note: {ckpt_path} exists, so training resumes from it and --init is not used")
     ckpt = models.load_checkpoint(ckpt_path)
@@ -379,7 +384,7 @@ def prepare(args, device, quiet):
     optimizer.load_state_dict(ckpt["optimizer"])  # the loop sets this run's learning rate at every step
     if not quiet:
         print(f"resuming at step {ckpt['step']}")
-    return model, optimizer, ckpt["step"], ckpt.get("best_loss", math.inf)
+    return model, optimizer, ckpt["step"], ckpt.get("best_loss", math.inf), ckpt.get("identities")
 
 
 def init_from(model, path, quiet):
@@ -414,11 +419,14 @@ def person_identity(faces, landmarks):
     return np.mean([embedder.embed(faces[i], landmarks[i]) for i in picks], 0).round(5).tolist()
 
 
-def load_both_sides(args, quiet):
-    """Faces of A and B, and their identities ({"a": embedding, "b": embedding}; None for a base)."""
-    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(folders, quiet, identity=not args.pretrain)
+def load_both_sides(args, main_rank, known=None):
+    """Faces of A and B, and their identities ({"a": embedding, "b": embedding}; None for a base). `known`: the
+    identities of the checkpoint being resumed, kept as they are (measuring them costs seconds at every start)."""
+    quiet = not main_rank
+    measure = main_rank and not args.pretrain and not (known and all(v is not None for v in known.values()))
+    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(folders, quiet, identity=measure)
                                         for folders in (args.faces_a, args.faces_b))
-    identities = None if args.pretrain else dict(a=id_a, b=id_b)
+    identities = None if args.pretrain else dict(a=id_a, b=id_b) if measure else known
     if args.pretrain:  # a base: both decoders see everyone
         faces_a = faces_b = np.concatenate([faces_a, faces_b])
     for name, faces in (("A", faces_a), ("B", faces_b)):
@@ -463,8 +471,12 @@ def run(args):
 
 def train(args, rank, world, device):
     main_rank = rank == 0
-    faces_a, faces_b, identities = load_both_sides(args, quiet=not main_rank)
-    model, optimizer, step, best_loss = prepare(args, device, quiet=not main_rank)
+    model, optimizer, step, best_loss, identities = prepare(args, device, quiet=not main_rank)
+    if args.iterations and step >= args.iterations:
+        if main_rank:
+            print(f"already at step {step} >= --iterations {args.iterations}; nothing to do")
+        return 0
+    faces_a, faces_b, identities = load_both_sides(args, main_rank, identities)
     dtype = utils.pick_precision(args.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     net = BothSides(model)
@@ -474,6 +486,7 @@ def train(args, rank, world, device):
     size = model.input_size
     view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
     dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank, warp_until(args, step))
+    cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
     batches = iter(batch_loader(dataset, step, args.workers))
     if main_rank:
         print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -483,10 +496,6 @@ def train(args, rank, world, device):
             print("starting from scratch")
         utils.write_json(args.model_dir / "train_settings.json",
                          dict(utils.settings_dict(args), world_size=world, start_step=step))
-    if args.iterations and step >= args.iterations:
-        if main_rank:
-            print(f"already at step {step} >= --iterations {args.iterations}; nothing to do")
-        return 0
 
     log_path = args.model_dir / "log.csv"
     if main_rank:
@@ -554,6 +563,7 @@ def train(args, rank, world, device):
                             is_best)
     finally:
         bar.close()
+        cv2.setNumThreads(cv2_threads)
         if log_file:
             log_file.close()
     if main_rank:

@@ -63,6 +63,7 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tutorial": "tutorial",
 }
 HOLDOUT = 0.15
+TUTORIAL_SAVE_EVERY = 40  # the tutorial's steps between saves of its trunk (~8 minutes here)
 
 
 def parse_args(argv=None):
@@ -334,19 +335,19 @@ def tutorial_loop(faces, path):
     return tutorial.steps(*(train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB"), resume=resume)
 
 
-def train_tutorial(loop, steps, model_dir):
-    """Run the tutorial's loop to `steps` and save a checkpoint (with both optimizers) into model_dir."""
+def train_tutorial(loop, steps, model_dir, save_every=TUTORIAL_SAVE_EVERY):
+    """Run the tutorial's loop to `steps`, saving a checkpoint (with both optimizers) into model_dir every
+    `save_every` steps and at the end: a killed run goes on from there."""
     path = model_dir / models.CHECKPOINT
     done = models.load_checkpoint(path)["step"] if path.is_file() else 0
     if done > steps:
         raise SystemExit(f"{path} is at step {done}, past this budget's {steps}: move it away to train again")
-    state = None
+    model_dir.mkdir(parents=True, exist_ok=True)
     while done < steps:
         state = next(loop)
         done = state["step"]
-    if state is not None:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        train.save_checkpoint(model_dir, tutorial.checkpoint(state), is_best=False)
+        if done == steps or done % save_every == 0:
+            train.save_checkpoint(model_dir, tutorial.checkpoint(state), is_best=False)
     return model_dir
 
 

@@ -236,11 +236,12 @@ def test_bad_input_gives_one_line_errors(obama_faces, tiny_model, tmp_path, caps
 def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
     need_data()
     frames = tmp_path / "frames"
-    crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "300"])
+    crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "450"])
     proc = subprocess.Popen([sys.executable, str(ROOT / "crop_face.py"), "--images-dir", str(frames),
                              "--faces-dir", str(tmp_path / "faces"), "--workers", "2", "--redetect-every", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    while len(list((tmp_path / "faces").glob("*.png"))) < 3 * crop_face.CHUNK:  # some chunks have come back
+    # the first chunk has come back (two workers hold at most two), and four or more are left (~4 s)
+    while len(list((tmp_path / "faces").glob("*.png"))) < 3 * crop_face.CHUNK:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to every process of the group
     err = proc.communicate(timeout=60)[1]

@@ -51,13 +51,17 @@ def test_checkpoint_round_trip_gives_identical_outputs(faces, tmp_path, monkeypa
     assert (tmp_path / "preview.png").exists() and utils.read_image(tmp_path / "preview.png").shape[0] > 6 * 64
 
 
-def test_resume_continues_exactly(faces, tmp_path):
+def test_resume_continues_exactly(faces, tmp_path, monkeypatch):
     """2N steps in one go == N steps, stop, resume to 2N (same weights, fixed seed, CPU)."""
     train.main(tiny_args(faces, tmp_path / "once", "--iterations", "6", "--save-every", "3", "--workers", "1"))
     train.main(tiny_args(faces, tmp_path / "twice", "--iterations", "3", "--workers", "1"))
+    # the people's identities come with the checkpoint: resuming does not measure them again
+    monkeypatch.setattr(train, "person_identity", lambda *a: pytest.fail("identities measured again on resume"))
     train.main(tiny_args(faces, tmp_path / "twice", "--iterations", "6"))
     a, b = weights(tmp_path / "once"), weights(tmp_path / "twice")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    identities = [models.load_checkpoint(tmp_path / run / models.CHECKPOINT)["identities"] for run in ("once", "twice")]
+    assert identities[0] == identities[1] and len(identities[0]["a"]) == len(identities[0]["b"]) == 128
     rows = list(csv.DictReader(open(tmp_path / "twice" / "log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
