@@ -184,7 +184,7 @@ def frames_identity(images_dir):
     if not meta_path.is_file():
         return None
     meta = utils.read_json(meta_path)
-    keys = ("source", "source_bytes", "source_mtime_ns", "every", "start", "end", "max_frames", "format")
+    keys = ("source_bytes", "source_digest", "every", "start", "end", "max_frames", "format")
     return {k: meta.get(k) for k in keys}
 
 

@@ -4,7 +4,7 @@ Reads a video (mp4, mov, avi, mkv, gif, ... through PyAV, the reader every step 
 these frames are pixel for pixel what convert_video.py sees) and writes its frames, upright
 (phones' rotation applied), as zero-padded, correctly sorting images (000000.png,
 000001.png, ... named by source frame index) into SAVE_DIR, plus SAVE_DIR/frames.json:
-where they came from (path, size and time of the video, fps, size, rotation), the
+where they came from (path, size and a digest of the video, fps, size, rotation), the
 settings, each frame's index and timestamp, and whether the extraction is complete.
 
 frames.json is written every few seconds while frames are written, so an interrupted run
@@ -20,6 +20,7 @@ Tiny run:
     python crop_from_video.py --video-path clip.mp4 --save-dir /tmp/frames --max-frames 20
 """
 import argparse
+import hashlib
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ MAX_FRAMES = 0                        # stop after this many frames written (0 =
 IMAGE_FORMAT = "png"                  # png (lossless) or jpg (smaller)
 META_NAME = "frames.json"
 SAVE_SECONDS = 5                      # frames.json is rewritten this often while extracting
+DIGEST_SPAN = 1 << 20                 # bytes read at each end of the video to tell videos apart
 
 
 def frame_name(index, ext="png"):
@@ -57,11 +59,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def content_digest(path, span=DIGEST_SPAN):
+    """SHA-256 of the file's first and last `span` bytes: the video's identity by its contents, so that a copy,
+    a move or a touched file is still the same video (its time is not)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        size = f.seek(0, 2)
+        f.seek(max(span, size - span))
+        digest.update(f.read(span))
+    return digest.hexdigest()
+
+
 def source_record(args, source):
-    """What identifies this extraction: the video file (path, size, time) and the settings."""
-    stat = args.video_path.stat()
-    return dict(source=str(args.video_path.resolve()), source_bytes=stat.st_size, source_mtime_ns=stat.st_mtime_ns,
-                every=args.every, start=args.start, end=args.end, max_frames=args.max_frames, format=args.format)
+    """What identifies this extraction: the video file (its size and contents; its path for the reader) and the
+    settings."""
+    return dict(source=str(args.video_path.resolve()), source_bytes=args.video_path.stat().st_size,
+                source_digest=content_digest(args.video_path), every=args.every, start=args.start, end=args.end,
+                max_frames=args.max_frames, format=args.format)
 
 
 def previous_frames(save_dir, record, overwrite):
@@ -70,7 +85,7 @@ def previous_frames(save_dir, record, overwrite):
     existing = utils.list_images(save_dir)
     meta_path = save_dir / META_NAME
     meta = utils.read_json(meta_path) if meta_path.is_file() and not overwrite else None
-    if meta is not None and all(meta.get(k) == v for k, v in record.items()):
+    if meta is not None and all(meta.get(k) == v for k, v in record.items() if k != "source"):  # moved: the same
         names = {p.name for p in existing}
         done = {i: t for i, t in zip(meta.get("frames", []), meta.get("times", []))
                 if frame_name(i, record["format"]) in names}

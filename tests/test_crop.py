@@ -39,8 +39,23 @@ def test_never_mixes_two_videos(tmp_path, capsys):
                                                 "--max-frames", "3"], capsys)
     err = io.err
     assert code == 1 and "already holds 3 images" in err and "Traceback" not in err
-    # the same video and settings again is a no-op, --overwrite replaces
+    # the same video and settings again is a no-op, even from a copy elsewhere with another time; --overwrite
+    # replaces
     assert crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(out), "--max-frames", "3"]) == 0
+    copy = tmp_path / "copied" / OBAMA.name
+    copy.parent.mkdir()
+    copy.write_bytes(OBAMA.read_bytes())
+    os.utime(copy, (1e9, 1e9))
+    capsys.readouterr()
+    assert crop_from_video.main(["--video-path", str(copy), "--save-dir", str(out), "--max-frames", "3"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    # a video that differs only in its last bytes is another video
+    edited = tmp_path / "edited.mp4"
+    data = OBAMA.read_bytes()
+    edited.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    code, io = run_main(crop_from_video.main, ["--video-path", str(edited), "--save-dir", str(out),
+                                                "--max-frames", "3"], capsys)
+    assert code == 1 and "already holds 3 images" in io.err
     assert crop_from_video.main(["--video-path", str(ANDREW), "--save-dir", str(out), "--max-frames", "2",
                                  "--overwrite"]) == 0
     assert len(utils.list_images(out)) == 2
