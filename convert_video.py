@@ -47,8 +47,8 @@ MODEL_DIR = Path("models")                   # train.py's output folder
 OUTPUT_PATH = Path("output/swapped.mp4")     # the swapped video (or a folder, for a folder input)
 DIRECTION = "a2b"                            # a2b: A's video gets B's face; b2a: the other way
 COLOR = "rct"                                # rct (Reinhard LAB), avg, hist or none
-MASK_ERODE = 0.03                            # mask erosion, as a fraction of the face width
-MASK_BLUR = 0.08                             # mask feathering, as a fraction of the face width
+MASK_ERODE = 0.0                             # mask erosion, as a fraction of the face width
+MASK_BLUR = 0.05                             # mask feathering, as a fraction of the face width
 MASK = "both"                                # hull (landmarks), learned (the model's own) or both (intersected)
 SMOOTH = 0.5                                 # share of the previous frame's landmarks kept (0 = off)
 SHARPEN = "auto"                             # unsharp amount on the swapped face: 0 = off, auto = the video's detail

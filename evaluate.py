@@ -217,13 +217,14 @@ def sample_frames(path, every, max_frames):
 
 
 def face_crop(image, landmarks, size=160, pad=0.25):
-    """The face region of a frame, square, resized to size x size (for the contact sheet)."""
+    """The face region of a frame, square, resized to size x size (for the contact sheet); black past the frame's
+    edges (a replicated border drew streaks that looked like the swap's)."""
     centre = (np.min(landmarks, 0) + np.max(landmarks, 0)) / 2
     half = (np.max(landmarks, 0) - np.min(landmarks, 0)).max() * (0.5 + pad)
     mat = np.array([[size / (2 * half), 0, size / 2 - centre[0] * size / (2 * half)],
                     [0, size / (2 * half), size / 2 - centre[1] * size / (2 * half)]])
     return cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_AREA if 2 * half > size else cv2.INTER_CUBIC,
-                          borderMode=cv2.BORDER_REPLICATE)
+                          borderMode=cv2.BORDER_CONSTANT)
 
 
 def contact_sheet(samples, path, height=160):

@@ -172,8 +172,8 @@ def test_learned_mask_limits_what_is_pasted(obama_faces):
     top_half[:size // 2] = 1
 
     def changed(mask, face_mask):
-        settings = SimpleNamespace(color="none", mask=mask, mask_erode=0.03, mask_blur=0.08, brow_lift=1.0,
-                                   seamless=False, sharpen=0)
+        settings = SimpleNamespace(color="none", mask=mask, mask_erode=convert_video.MASK_ERODE,
+                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=0)
         out = convert_video.paste_face(frame, face, matrix, landmarks, settings, face_mask)
         return (out != frame).any(2)
 
@@ -197,8 +197,8 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
     def pasted(frame, sharpen):
         matrix = utils.align_matrix(landmarks, 64)
         face = cv2.warpAffine(frame, matrix, (64, 64), flags=cv2.INTER_AREA)  # what a 64 px model draws at best
-        settings = SimpleNamespace(color="none", mask="hull", mask_erode=0.03, mask_blur=0.08, brow_lift=1.0,
-                                   seamless=False, sharpen=sharpen)
+        settings = SimpleNamespace(color="none", mask="hull", mask_erode=convert_video.MASK_ERODE,
+                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=sharpen)
         return utils.sharpness(convert_video.paste_face(frame, face, matrix, landmarks, settings), landmarks)
 
     source, soft, auto = utils.sharpness(sharp, landmarks), pasted(sharp, 0), pasted(sharp, "auto")
