@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -233,19 +234,29 @@ def test_bad_input_gives_one_line_errors(obama_faces, tiny_model, tmp_path, caps
     assert code == 1 and "cannot read" in io.err and "000001.png" in io.err and "Traceback" not in io.err
 
 
+def interruptible():
+    """In the child before exec: Ctrl-C as in a terminal's foreground job. A test run started in the background
+    (`make test &`, nohup) has SIGINT ignored, and an ignored signal stays ignored in every child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
     need_data()
     frames = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "450"])
     proc = subprocess.Popen([sys.executable, str(ROOT / "crop_face.py"), "--images-dir", str(frames),
                              "--faces-dir", str(tmp_path / "faces"), "--workers", "2", "--redetect-every", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=interruptible)
     # the first chunk has come back (two workers hold at most two), and four or more are left (~4 s)
     while len(list((tmp_path / "faces").glob("*.png"))) < 3 * crop_face.CHUNK:
         time.sleep(0.02)
+    status = Path(f"/proc/{proc.pid}/status")
+    signals = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: to every process of the group
     err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted")
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), (signals, err)
     # the interrupted run saved its record: a re-run resumes
     done = subprocess.run(crop_face_command(frames, tmp_path / "faces"), capture_output=True, text=True)
     assert done.returncode == 0 and "resuming" in done.stdout
