@@ -486,8 +486,6 @@ def train(args, rank, world, device):
     size = model.input_size
     view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
     dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank, warp_until(args, step))
-    cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
-    batches = iter(batch_loader(dataset, step, args.workers))
     if main_rank:
         print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
@@ -511,7 +509,9 @@ def train(args, rank, world, device):
     tick_step = step
     stop_reason = "iterations reached"
     bar = tqdm(total=args.iterations or None, initial=step, unit="step", disable=not main_rank, dynamic_ncols=True)
+    cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
     try:
+        batches = iter(batch_loader(dataset, step, args.workers))
         while True:
             batch = next(batches)
             for group in optimizer.param_groups:

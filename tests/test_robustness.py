@@ -235,8 +235,9 @@ def test_bad_input_gives_one_line_errors(obama_faces, tiny_model, tmp_path, caps
 
 
 def interruptible():
-    """In the child before exec: Ctrl-C as in a terminal's foreground job. A test run started in the background
-    (`make test &`, nohup) has SIGINT ignored, and an ignored signal stays ignored in every child."""
+    """In the child before exec: Ctrl-C as in a terminal's foreground job, whatever the test process inherited (an
+    ignored or blocked signal stays so in every child). Whether this was why the test failed in two full runs
+    is not known; it passed alone every time."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
