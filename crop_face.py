@@ -180,12 +180,11 @@ def frame_stat(path):
 
 def frames_identity(images_dir):
     """What crop_from_video.py recorded about where the frames came from (None for a folder of your own)."""
-    meta_path = images_dir / "frames.json"
+    meta_path = images_dir / utils.FRAMES_NAME
     if not meta_path.is_file():
         return None
     meta = utils.read_json(meta_path)
-    keys = ("source_bytes", "source_digest", "every", "start", "end", "max_frames", "format")
-    return {k: meta.get(k) for k in keys}
+    return {k: meta.get(k) for k in utils.FRAMES_SOURCE_KEYS}
 
 
 def run_identity(args):
@@ -352,7 +351,7 @@ def crop(args, frames, faces_dir):
     settings = utils.detector_settings(args)
     references = utils.reference_embeddings(args.reference, "reference", settings) if args.reference else None
     excludes = utils.reference_embeddings(args.exclude, "exclude", settings) if args.exclude else None
-    meta = args.images_dir / "frames.json"
+    meta = args.images_dir / utils.FRAMES_NAME
     if meta.is_file() and utils.read_json(meta).get("complete") is False:
         print(f"warning: {args.images_dir} holds an incomplete extraction (interrupted, still running, or "
               "a damaged video); the frames there are used")

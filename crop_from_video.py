@@ -33,7 +33,6 @@ SAVE_DIR = Path("train/personA")      # where the frames go
 EVERY = 1                             # keep every Nth frame
 MAX_FRAMES = 0                        # stop after this many frames written (0 = no limit)
 IMAGE_FORMAT = "png"                  # png (lossless) or jpg (smaller)
-META_NAME = "frames.json"
 SAVE_SECONDS = 5                      # frames.json is rewritten this often while extracting
 DIGEST_SPAN = 1 << 20                 # bytes read at each end of the video to tell videos apart
 
@@ -83,9 +82,9 @@ def previous_frames(save_dir, record, overwrite):
     """{index: time} of frames an earlier run of this same extraction wrote (to resume), {} to start afresh,
     or None when that run is complete. Frames of another video or other settings are refused."""
     existing = utils.list_images(save_dir)
-    meta_path = save_dir / META_NAME
+    meta_path = save_dir / utils.FRAMES_NAME
     meta = utils.read_json(meta_path) if meta_path.is_file() and not overwrite else None
-    if meta is not None and all(meta.get(k) == v for k, v in record.items() if k != "source"):  # moved: the same
+    if meta is not None and all(meta.get(k) == record[k] for k in utils.FRAMES_SOURCE_KEYS):  # moved or not
         names = {p.name for p in existing}
         done = {i: t for i, t in zip(meta.get("frames", []), meta.get("times", []))
                 if frame_name(i, record["format"]) in names}
@@ -128,7 +127,7 @@ def extract(args, source, save_dir):
         meta = dict(record, **info, frames=order, times=[written[i] for i in order], complete=complete)
         if note:
             meta["note"] = note
-        utils.write_json(save_dir / META_NAME, meta)
+        utils.write_json(save_dir / utils.FRAMES_NAME, meta)
 
     reached_end = False  # the selection ended (--end, --max-frames) before the video did
     first_wanted = first_time = None

@@ -713,6 +713,10 @@ def sharpness(image, landmarks, mask=None):
 
 
 ALIGNMENTS_NAME = "alignments.json"  # crop_face.py's record beside the faces it saved
+FRAMES_NAME = "frames.json"  # crop_from_video.py's record beside the frames it saved
+# what in that record identifies the frames (the video's size and contents, the settings), not its path: a
+# re-run with the same resumes them, and crop_face.py knows its faces came from them
+FRAMES_SOURCE_KEYS = ("source_bytes", "source_digest", "every", "start", "end", "max_frames", "format")
 
 
 def load_faces(folders, size=FACE_SIZE, quiet=False):

@@ -22,6 +22,10 @@ def test_frames_are_padded_sorted_and_described(tmp_path):
     assert meta["frames"] == list(range(0, 30, 3))
     assert (meta["width"], meta["height"], meta["fps"]) == (256, 256, 30.0)
     assert utils.read_image(out / names[0]).shape == (256, 256, 3)
+    # every setting recorded is one that identifies the frames (resume and crop_face.py read the same keys)
+    record = crop_from_video.source_record(crop_from_video.parse_args(["--video-path", str(OBAMA)]), None)
+    assert set(record) - {"source"} == set(utils.FRAMES_SOURCE_KEYS)
+    assert {k: meta[k] for k in utils.FRAMES_SOURCE_KEYS} == crop_face.frames_identity(out)
 
 
 def test_time_range_selects_frames(tmp_path):
