@@ -351,6 +351,16 @@ def train_tutorial(loop, steps, model_dir, save_every=TUTORIAL_SAVE_EVERY):
     return model_dir
 
 
+def merge_summary(path, rows):
+    """Put this run's rows into the summary file, replacing their earlier versions. The file is re-read first:
+    another run into the same folder (another pair or recipe) may have added its rows since this one began."""
+    done = {(r["pair"], r["recipe"], r["minutes"]) for r in rows}
+    previous = utils.read_json(path) if path.is_file() else []
+    merged = [r for r in previous if (r["pair"], r["recipe"], r["minutes"]) not in done] + rows
+    utils.write_json(path, merged)
+    return merged
+
+
 def markdown(rows):
     head = "| pair | recipe | minutes | steps | ID top-1 | target rank | 2-person | sharpness | pose (deg) | " \
            "landmarks | flicker | trained on |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -372,7 +382,6 @@ def main(argv=None):
     gallery = demo.make_gallery(args.out / "gallery") if args.stage != "train" else None
     rows = []
     summary = args.out / "summary.json"
-    previous = json.loads(summary.read_text()) if summary.is_file() else []
     if args.calibrate_only:
         faces, _ = prepare_pair(args.pairs[0], args.out)
         for spec in args.recipes:
@@ -389,10 +398,8 @@ def main(argv=None):
             rows += run_recipe(pair, spec, args, gallery)
             if args.stage == "train":
                 continue
-            done = {(r["pair"], r["recipe"], r["minutes"]) for r in rows}
-            kept = [r for r in previous if (r["pair"], r["recipe"], r["minutes"]) not in done]
-            summary.write_text(json.dumps(kept + rows, indent=1) + "\n")
-            (args.out / "summary.md").write_text(markdown(kept + rows))
+            merged = merge_summary(summary, rows)
+            utils.write_bytes_atomic(args.out / "summary.md", markdown(merged).encode())
     if rows:
         print(markdown(rows))
 
