@@ -3,7 +3,8 @@
 In one run, on the same real clips, each as a fresh process timed from start to finish (start-up,
 model loading, decoding, finding faces, the model, blending, encoding):
   ours       this checkout's convert_video.py (faces followed between detections), with the `original`
-             model and with `lite128` (the CPU preset)
+             model (the default at BASELINE_COMMIT), with train.py's default model today (`tiny`) and with
+             the 128 px `lite128`
   before     convert_video.py of BASELINE_COMMIT (detection in every frame), `original` model
   tutorial   the tutorial's loop, as ../shared/REFERENCE.md describes it, minus its 2 s sleep per frame:
              for every frame it rebuilds the model and reloads the checkpoint, detects with dlib at
@@ -145,17 +146,21 @@ def run(frames=150, tutorial_frames=15, clips=None, with_stages=False):
         baseline = baseline_checkout(tmp)
         try:
             original, lite = make_checkpoint(tmp / "original", "original"), make_checkpoint(tmp / "lite", "lite128")
+            default = make_checkpoint(tmp / "default", train.MODEL)
             old = make_checkpoint(tmp / "old", "original", old_format=True)
             for clip in clips:
                 video = VIDEOS / clip
                 ours, n = timed_convert(ROOT / "convert_video.py", video, original, tmp / "ours.mp4", frames)
                 ours_lite, _ = timed_convert(ROOT / "convert_video.py", video, lite, tmp / "lite.mp4", frames)
+                ours_default, _ = timed_convert(ROOT / "convert_video.py", video, default, tmp / "default.mp4", frames)
                 before, _ = timed_convert(baseline / "convert_video.py", video, old, tmp / "before.mp4", frames)
                 t = time.perf_counter()
                 n_tut = tutorial_convert(video, original / models.CHECKPOINT, tmp / "tut.avi", tutorial_frames)
                 tut = n_tut / (time.perf_counter() - t)
                 row = dict(clip=clip, frames=n, ours_original_fps=round(ours, 2), before_original_fps=round(before, 2),
                            speedup_vs_before=round(ours / before, 2), ours_lite128_fps=round(ours_lite, 2),
+                           default_model=train.MODEL, ours_default_fps=round(ours_default, 2),
+                           default_speedup_vs_before=round(ours_default / before, 2),
                            tutorial_fps=round(tut, 3), speedup_vs_tutorial=round(ours / tut, 1))
                 if with_stages:
                     row["stages_original"] = stages(video, original, frames)
@@ -166,7 +171,8 @@ def run(frames=150, tutorial_frames=15, clips=None, with_stages=False):
                            capture_output=True)
     return dict(benchmark="convert", baseline_commit=BASELINE_COMMIT, clips=rows,
                 note="each conversion timed as a whole process (start-up and model load included); the tutorial "
-                     "loop without its 2 s sleep per frame")
+                     "loop without its 2 s sleep per frame; default_speedup_vs_before: ours with today's default "
+                     "model over before with its default (`original`)")
 
 
 if __name__ == "__main__":
