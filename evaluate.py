@@ -12,6 +12,9 @@ converted: whole frames and the face at full size) and prints a table:
                person of --gallery. top-1 retrieval = share of frames whose nearest identity is
                the target (B for a2b); the target's rank (1 = nearest) and mean distance (same
                person < 0.6). The 2-person figure (closer to B than to A) is kept as a second line.
+               With B's held-out faces, their mean distance to B's reference is the yardstick for
+               that distance: how far a real, unseen face of B lies. Retrieval among few people can
+               be won by a featureless face in B's colours; the distance tells it from a face of B.
   pose         head yaw/pitch/roll of source and converted face (cv2.solvePnP of the 68 landmarks
                against a 3D mean face): mean absolute error in degrees
   sharpness    variance of the Laplacian inside the face (landmark hull, outline left out),
@@ -146,8 +149,8 @@ def largest_face_embedding(image, analyzer, embedder):
     return embedder.embed(image, found[0][1]) if found else None
 
 
-def reference_embedding(embedder, analyzer, folders, count):
-    """Mean embedding of up to `count` faces spread over one or more aligned-face folders."""
+def reference_embeddings(embedder, analyzer, folders, count):
+    """(N, 128) embeddings of up to `count` faces spread over one or more aligned-face folders."""
     paths = [p for f in folders if Path(f).is_dir() for p in utils.list_images(f)]
     if not paths:
         raise utils.UserError(f"no face images in {', '.join(map(str, folders))} (needed for the reference identity)")
@@ -156,7 +159,12 @@ def reference_embedding(embedder, analyzer, folders, count):
                   if e is not None]
     if not embeddings:
         raise utils.UserError(f"no face found again in the images of {', '.join(map(str, folders))}")
-    return np.mean(embeddings, 0)
+    return np.stack(embeddings)
+
+
+def reference_embedding(embedder, analyzer, folders, count):
+    """A person's reference identity: the mean embedding of up to `count` of their faces."""
+    return reference_embeddings(embedder, analyzer, folders, count).mean(0)
 
 
 def media_files(folder):
@@ -306,6 +314,12 @@ def run(args):
         raise utils.UserError("no face found in any converted frame; nothing to evaluate")
     result = dict(frames=n_frames, frames_evaluated=len(rows), converted_frames_without_face=n_missing,
                   identity=identity_figures(rows, names, target, other, args.direction), **quality_figures(rows))
+    heldout_target = args.heldout_b if args.direction == "a2b" else args.heldout_a
+    if heldout_target:
+        t = names[target]
+        result["identity"][f"heldout_{t}_distance_to_{t}"] = round(float(np.linalg.norm(
+            reference_embeddings(embedder, analyzer, heldout_target, REFERENCE_FACES) - gallery[target],
+            axis=1).mean()), 4)
     result["flicker"] = dict(
         source_mean_change=round(float(np.mean(changes_src)), 3) if changes_src else None,
         converted_mean_change=round(float(np.mean(changes_dst)), 3) if changes_dst else None,

@@ -25,6 +25,8 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     result = json.loads((out / "evaluation.json").read_text())
     assert set(result["reconstruction"]) == {"A->A", "B->B"}
     assert result["identity"]["gallery_size"] == 3 and "biden" in result["identity"]["gallery"]
+    # the yardstick: Andrew's own held-out faces lie within the same-person distance of his reference
+    assert 0.1 < result["identity"]["heldout_B_distance_to_B"] < 0.6
     # the held-out faces come from the clips' last 15 %, never from the training frames
     train_frames = {int(p.stem) for p in utils.list_images(out / "personA")}
     heldout_frames = {int(p.stem) for p in utils.list_images(out / "personA_heldout")}
