@@ -18,7 +18,10 @@ converted: whole frames and the face at full size) and prints a table:
   pose         head yaw/pitch/roll of source and converted face (cv2.solvePnP of the 68 landmarks
                against a 3D mean face): mean absolute error in degrees
   sharpness    variance of the Laplacian inside the face (landmark hull, outline left out),
-               converted / source: 1.0 = as much fine detail as the real face, blur lowers it
+               converted / source: 1.0 = as much fine detail as the real face, blur lowers it.
+               Pixel noise and sharpening raise it too, so it is also taken at the scale of the
+               facial features (the face shrunk to FEATURE_SCALE px between the eyes): the edges of
+               eyes, brows, nose and lips, which a featureless blob lacks however noisy it is
   expression   68-landmark error between source and converted frame / inter-ocular distance
   flicker      mean frame-to-frame change inside the face box, converted / source
   reconstruct  A->A and B->B on held-out faces: L1, PSNR (dB), SSIM, and SSIM inside the face
@@ -52,6 +55,7 @@ HELDOUT_A = None                             # aligned faces of A never trained 
 HELDOUT_B = None
 MODEL_DIR = Path("models")
 OUT_DIR = Path("output")
+FEATURE_SCALE = 32                           # px between the outer eye corners for feature_scale sharpness
 REFERENCE_FACES = 40                         # faces per person for the reference embedding
 GALLERY_SAMPLES = 20                         # frames taken from each gallery clip
 VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif", ".m4v"}
@@ -307,7 +311,9 @@ def run(args):
             landmark_error=landmark_error(src_landmarks, dst_landmarks),
             pose_error=pose_error(utils.head_pose(src_landmarks, src.shape), utils.head_pose(dst_landmarks, dst.shape)),
             sharp_src=utils.sharpness(src, src_landmarks, interior),
-            sharp_dst=utils.sharpness(dst, src_landmarks, interior)))
+            sharp_dst=utils.sharpness(dst, src_landmarks, interior),
+            feature_src=feature_sharpness(src, src_landmarks, interior),
+            feature_dst=feature_sharpness(dst, src_landmarks, interior)))
         if len(samples) < 6 and i % max(1, 15 * args.every) == 0:
             samples.append((src, dst, src_landmarks))
     if not rows:
@@ -356,11 +362,27 @@ def identity_figures(rows, names, target, other, direction):
             "gallery": names}
 
 
+def feature_sharpness(image, landmarks, interior):
+    """utils.sharpness of the face shrunk to FEATURE_SCALE px between the eyes (never enlarged): detail at
+    the scale of the eyes, brows, nose and lips, where pixel noise and sharpening average out."""
+    scale = min(1.0, FEATURE_SCALE / max(utils.inter_ocular(landmarks), 1e-6))
+    x, y, w, h = cv2.boundingRect((interior > 0.5).astype(np.uint8))
+    pad = int(np.ceil(4 / scale))  # the Laplacian's neighbours around the face, at the small scale
+    y0, x0 = max(0, y - pad), max(0, x - pad)
+    crop, mask = image[y0:y + h + pad, x0:x + w + pad], interior[y0:y + h + pad, x0:x + w + pad]
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    small = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+    return utils.sharpness(small, None, cv2.resize(mask, size, interpolation=cv2.INTER_AREA))
+
+
 def quality_figures(rows):
     poses = np.stack([r["pose_error"] for r in rows])
     src = np.array([r["sharp_src"] for r in rows])
     dst = np.array([r["sharp_dst"] for r in rows])
     ok = np.isfinite(src) & np.isfinite(dst) & (src > 0)
+    f_src = np.array([r["feature_src"] for r in rows])
+    f_dst = np.array([r["feature_dst"] for r in rows])
+    f_ok = np.isfinite(f_src) & np.isfinite(f_dst) & (f_src > 0)
     return dict(
         pose=dict(error_deg=round(float(np.nanmean(poses)), 3), yaw_error_deg=round(float(np.nanmean(poses[:, 0])), 3),
                   pitch_error_deg=round(float(np.nanmean(poses[:, 1])), 3),
@@ -368,7 +390,9 @@ def quality_figures(rows):
         sharpness=dict(ratio=round(float(dst[ok].mean() / src[ok].mean()), 4) if ok.any() else None,
                        median_frame_ratio=round(float(np.median(dst[ok] / src[ok])), 4) if ok.any() else None,
                        source=round(float(src[ok].mean()), 2) if ok.any() else None,
-                       converted=round(float(dst[ok].mean()), 2) if ok.any() else None),
+                       converted=round(float(dst[ok].mean()), 2) if ok.any() else None,
+                       feature_scale_ratio=round(float(f_dst[f_ok].mean() / f_src[f_ok].mean()), 4)
+                       if f_ok.any() else None),
         expression=dict(landmark_error_over_inter_ocular=round(float(np.mean([r["landmark_error"] for r in rows])), 4)))
 
 

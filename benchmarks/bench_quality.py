@@ -240,7 +240,8 @@ def summary_row(pair, recipe, minutes, steps, result):
                 top1=ident["top1_retrieval"], rank=ident["mean_rank_of_target"],
                 two_person=next(v for k, v in ident.items() if k.startswith("two_person")),
                 distance_b=ident["mean_distance_to_B"], heldout_b_distance=ident.get("heldout_B_distance_to_B"),
-                sharpness=result["sharpness"]["ratio"], pose_deg=result["pose"]["error_deg"],
+                sharpness=result["sharpness"]["ratio"],
+                feature_sharpness=result["sharpness"].get("feature_scale_ratio"), pose_deg=result["pose"]["error_deg"],
                 landmarks=result["expression"]["landmark_error_over_inter_ocular"],
                 flicker=result["flicker"]["ratio"],
                 ssim_face_b=rec.get("B->B", {}).get("ssim_face"))
@@ -364,14 +365,17 @@ def merge_summary(path, rows):
 
 def markdown(rows):
     head = "| pair | recipe | minutes | steps | ID top-1 | target rank | 2-person | distance to B (real B) | " \
-           "sharpness | pose (deg) | landmarks | flicker | trained on |\n" + "|---" * 13 + "|\n"
+           "sharpness | at feature scale | pose (deg) | landmarks | flicker | trained on |\n" + "|---" * 14 + "|\n"
 
     def real(r):  # how far B's own held-out faces lie (rows made before it was measured have none)
         return f" ({r['heldout_b_distance']:.2f})" if r.get("heldout_b_distance") is not None else ""
 
+    def optional(value, digits=3):  # a figure that rows made before it existed lack
+        return "-" if value is None else f"{value:.{digits}f}"
+
     return head + "".join(f"| {r['pair']} | {r['recipe']} | {r['minutes']:g} | {r['steps']} | {r['top1']:.2f} | "
-                          f"{r['rank']:.2f} | {r['two_person']:.2f} | {r.get('distance_b', float('nan')):.2f}{real(r)} | "
-                          f"{r['sharpness']:.3f} | {r['pose_deg']:.2f} | "
+                          f"{r['rank']:.2f} | {r['two_person']:.2f} | {optional(r.get('distance_b'), 2)}{real(r)} | "
+                          f"{r['sharpness']:.3f} | {optional(r.get('feature_sharpness'))} | {r['pose_deg']:.2f} | "
                           f"{r['landmarks']:.3f} | {r['flicker']:.2f} | {r.get('trained_on', 'cpu')} |\n"
                           for r in rows)
 

@@ -77,7 +77,7 @@ def test_source_against_itself(obama_faces, andrew_faces, gallery, tmp_path):
     assert identity["two_person_closer_to_A"] == 1.0
     assert identity["mean_distance_to_A"] < 0.6 < identity["mean_distance_to_B"]
     assert result["pose"]["error_deg"] == 0.0
-    assert result["sharpness"]["ratio"] == 1.0
+    assert result["sharpness"]["ratio"] == 1.0 and result["sharpness"]["feature_scale_ratio"] == 1.0
     assert result["expression"]["landmark_error_over_inter_ocular"] == 0.0
     assert result["flicker"]["ratio"] == 1.0
     saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
@@ -97,7 +97,37 @@ def test_blurred_copy_is_much_less_sharp(obama_faces, andrew_faces, tmp_path):
         utils.write_image(tmp_path / "blur" / f"{i:03d}.png", cv2.GaussianBlur(f, (0, 0), 1.0))
     result = evaluate_clip(tmp_path / "blur", tmp_path / "src", (obama_faces, andrew_faces), tmp_path)
     assert result["sharpness"]["ratio"] < 0.25
+    assert result["sharpness"]["ratio"] < result["sharpness"]["feature_scale_ratio"] < 0.6  # features remain
     assert result["pose"]["error_deg"] < 2.0  # blur barely moves the landmarks
+
+
+def test_feature_scale_sharpness_is_not_fooled_by_a_noisy_blob():
+    """A featureless face in the face's own colours with pixel noise (what an untrained model gives) scores
+    above the real face on the Laplacian's fine detail, and near zero at the scale of the facial features;
+    a face enlarged 4x from a quarter of the resolution keeps its features."""
+    need_data()
+    analyzer = utils.FaceAnalyzer()
+    rng = np.random.default_rng(0)
+    for video in (OBAMA, HILL):
+        frame = next(iter(utils.read_video(video)))
+        landmarks = analyzer.analyze(frame)[0][1]
+        interior = utils.face_interior_mask(landmarks, frame.shape)
+        hull = cv2.GaussianBlur(utils.face_hull_mask(landmarks, frame.shape[:2]), (0, 0), 3)[..., None]
+        smooth = cv2.GaussianBlur(frame, (0, 0), utils.inter_ocular(landmarks) / 6) + rng.normal(0, 6, frame.shape)
+        blob = np.clip(frame * (1 - hull) + smooth * hull, 0, 255).astype(np.uint8)
+        quarter = cv2.resize(cv2.resize(frame, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA),
+                             frame.shape[1::-1], interpolation=cv2.INTER_CUBIC)
+
+        def ratios(image):
+            return (utils.sharpness(image, landmarks, interior) / utils.sharpness(frame, landmarks, interior),
+                    evaluate.feature_sharpness(image, landmarks, interior) /
+                    evaluate.feature_sharpness(frame, landmarks, interior))
+
+        assert ratios(frame) == (1.0, 1.0)
+        fine, features = ratios(blob)
+        assert fine > 1.0 and features < 0.15, (video.name, fine, features)
+        fine, features = ratios(quarter)
+        assert fine < 0.1 and features > 0.2, (video.name, fine, features)
 
 
 def test_another_gallery_person_is_retrieved(obama_faces, andrew_faces, gallery, tmp_path):
