@@ -375,24 +375,28 @@ def feature_sharpness(image, landmarks, interior):
     return utils.sharpness(small, None, cv2.resize(mask, size, interpolation=cv2.INTER_AREA))
 
 
+def measured_pairs(rows, source_key, converted_key):
+    """(source, converted) arrays of a per-frame measure, over the frames where both are finite and the source's
+    is positive (a ratio of them means something)."""
+    src = np.array([r[source_key] for r in rows])
+    dst = np.array([r[converted_key] for r in rows])
+    ok = np.isfinite(src) & np.isfinite(dst) & (src > 0)
+    return src[ok], dst[ok]
+
+
 def quality_figures(rows):
     poses = np.stack([r["pose_error"] for r in rows])
-    src = np.array([r["sharp_src"] for r in rows])
-    dst = np.array([r["sharp_dst"] for r in rows])
-    ok = np.isfinite(src) & np.isfinite(dst) & (src > 0)
-    f_src = np.array([r["feature_src"] for r in rows])
-    f_dst = np.array([r["feature_dst"] for r in rows])
-    f_ok = np.isfinite(f_src) & np.isfinite(f_dst) & (f_src > 0)
+    src, dst = measured_pairs(rows, "sharp_src", "sharp_dst")
+    f_src, f_dst = measured_pairs(rows, "feature_src", "feature_dst")
     return dict(
         pose=dict(error_deg=round(float(np.nanmean(poses)), 3), yaw_error_deg=round(float(np.nanmean(poses[:, 0])), 3),
                   pitch_error_deg=round(float(np.nanmean(poses[:, 1])), 3),
                   roll_error_deg=round(float(np.nanmean(poses[:, 2])), 3)),
-        sharpness=dict(ratio=round(float(dst[ok].mean() / src[ok].mean()), 4) if ok.any() else None,
-                       median_frame_ratio=round(float(np.median(dst[ok] / src[ok])), 4) if ok.any() else None,
-                       source=round(float(src[ok].mean()), 2) if ok.any() else None,
-                       converted=round(float(dst[ok].mean()), 2) if ok.any() else None,
-                       feature_scale_ratio=round(float(f_dst[f_ok].mean() / f_src[f_ok].mean()), 4)
-                       if f_ok.any() else None),
+        sharpness=dict(ratio=round(float(dst.mean() / src.mean()), 4) if src.size else None,
+                       median_frame_ratio=round(float(np.median(dst / src)), 4) if src.size else None,
+                       source=round(float(src.mean()), 2) if src.size else None,
+                       converted=round(float(dst.mean()), 2) if src.size else None,
+                       feature_scale_ratio=round(float(f_dst.mean() / f_src.mean()), 4) if f_src.size else None),
         expression=dict(landmark_error_over_inter_ocular=round(float(np.mean([r["landmark_error"] for r in rows])), 4)))
 
 
