@@ -192,3 +192,17 @@ def test_bad_landmarks_model(tmp_path, capsys, obama_faces):
                                           str(tmp_path / "f"), "--landmarks-model", str(tmp_path / "x.dat")], capsys)
     err = io.err
     assert code == 1 and "landmarks model not found" in err
+
+
+def test_umeyama_recovers_a_similarity_and_never_reflects():
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(51, 2)) * 40
+    angle, scale, shift = 0.7, 1.8, np.array([12.0, -5.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    fit = utils.umeyama(src, src @ (scale * rotation).T + shift)
+    assert np.allclose(fit[:2], np.hstack([scale * rotation, shift[:, None]]), atol=1e-9)
+    assert np.allclose(utils.umeyama(src, src @ rotation.T, estimate_scale=False)[:2, :2], rotation, atol=1e-9)
+    # a mirrored target: the best proper rotation (determinant > 0), as Umeyama's SVD form gives
+    mirrored = utils.umeyama(src, src * [-1, 1])[:2, :2]
+    assert np.linalg.det(mirrored) > 0
+    assert np.isnan(utils.umeyama(np.ones((5, 2)), src[:5])).all()  # all points in one place: no fit
