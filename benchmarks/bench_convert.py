@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, report, require_data
+from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, checkout, report, require_data
 
 import convert_video
 import models
@@ -46,14 +46,6 @@ def make_checkpoint(model_dir, preset, old_format=False):
     model_dir.mkdir(parents=True, exist_ok=True)
     train.save_checkpoint(model_dir, state, is_best=False)
     return model_dir
-
-
-def baseline_checkout(tmp):
-    """The baseline commit's files in a folder beside ../shared (so its paths resolve the same way)."""
-    folder = Path(tmp) / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(folder), BASELINE_COMMIT],
-                   check=True, capture_output=True)
-    return folder
 
 
 def timed_convert(script, video, model_dir, out, frames):
@@ -143,8 +135,7 @@ def run(frames=150, tutorial_frames=15, clips=None, with_stages=False):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        baseline = baseline_checkout(tmp)
-        try:
+        with checkout(BASELINE_COMMIT, tmp / "baseline") as baseline:
             original, lite = make_checkpoint(tmp / "original", "original"), make_checkpoint(tmp / "lite", "lite128")
             default = make_checkpoint(tmp / "default", train.MODEL)
             old = make_checkpoint(tmp / "old", "original", old_format=True)
@@ -166,9 +157,6 @@ def run(frames=150, tutorial_frames=15, clips=None, with_stages=False):
                     row["stages_original"] = stages(video, original, frames)
                     row["stages_lite128"] = stages(video, lite, frames)
                 rows.append(row)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)],
-                           capture_output=True)
     return dict(benchmark="convert", baseline_commit=BASELINE_COMMIT, clips=rows,
                 note="each conversion timed as a whole process (start-up and model load included); the tutorial "
                      "loop without its 2 s sleep per frame; default_speedup_vs_before: ours with today's default "

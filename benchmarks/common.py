@@ -1,6 +1,8 @@
 """Shared bits of the benchmark scripts: where the real data is, timing, JSON output."""
+import contextlib
 import json
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +18,17 @@ CLIPS_512 = ["sadtalker_WDA_AlexandriaOcasioCortez_000.mp4", "sadtalker_WDA_Kati
 def require_data():
     if not VIDEOS.is_dir():
         raise SystemExit(f"benchmark data not found at {DATA} (the shared/ folder beside the checkout)")
+
+
+@contextlib.contextmanager
+def checkout(commit, folder):
+    """An earlier commit's files in `folder` (a git worktree, removed afterwards), to time beside this one."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(folder), commit],
+                   check=True, capture_output=True)
+    try:
+        yield Path(folder)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder)], capture_output=True)
 
 
 def timed(fn, *args, **kwargs):
