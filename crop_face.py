@@ -111,7 +111,7 @@ def process_chunk(task):
             continue
         records = []
         found = tracker(image)
-        identities = carried_identities(image, path.name, found, identities, embed_every)
+        identities = carried_identities(image, path.name, found, identities if tracker.continued else [], embed_every)
         for k, ((box, landmarks), (embedding, measured_on, _)) in enumerate(zip(found, identities)):
             matrix = utils.align_matrix(landmarks, size)
             face = utils.warp_face(image, matrix, size)

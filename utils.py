@@ -442,7 +442,7 @@ class FaceTracker:
         self.reset()
 
     def reset(self):
-        self.faces, self.thumb, self.since, self.detected = [], None, 0, False
+        self.faces, self.thumb, self.since, self.detected, self.continued = [], None, 0, False, False
 
     def __call__(self, image):
         """[(box, landmarks (68, 2))] of the faces in this frame, largest first."""
@@ -453,6 +453,7 @@ class FaceTracker:
         tracked = None
         if self.faces and not cut and self.since < self.redetect_every:
             tracked = self._follow(gray)
+        self.continued = bool(self.faces) and not cut  # the same shot: faces near the last frame's are those faces
         if tracked is None:
             found = self.analyzer.analyze(gray, self.all_faces)
             self.faces = [dict(landmarks=landmarks, detected=(box, landmarks), crop=_crop(gray, landmarks))

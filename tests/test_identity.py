@@ -5,7 +5,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import DATA, OBAMA, VIDEOS, need_data, run_main
+from conftest import ANDREW, DATA, OBAMA, VIDEOS, need_data, run_main
 
 import convert_video
 import crop_face
@@ -133,3 +133,22 @@ def test_conversion_of_a_two_person_photo_swaps_only_the_chosen_person(by, tiny_
         return diff[t:b, l:r]
     assert (region(obama_box) > 10).mean() > 0.2  # Obama's face was replaced
     assert (region(biden_box) == 0).all()  # Biden's face: every pixel as it was
+
+
+def test_a_cut_to_another_person_is_not_taken_for_the_same_face(tmp_path):
+    """Frames of Obama, then a cut to Andrew Ng where Obama's face was: Andrew's faces get their own
+    identity (not the one carried along Obama's track), so the person of the most frames is kept alone."""
+    need_data()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for video, first, count in ((OBAMA, 0, 40), (ANDREW, 40, 20)):
+        crop_from_video.main(["--video-path", str(video), "--save-dir", str(tmp_path / video.stem),
+                              "--max-frames", str(count)])
+        for k, path in enumerate(utils.list_images(tmp_path / video.stem)):
+            path.rename(frames / f"{first + k:05d}.png")
+    assert crop_face.main(["--images-dir", str(frames), "--faces-dir", str(tmp_path / "faces"),
+                           "--workers", "1"]) == 0
+    record = json.loads((tmp_path / "faces" / utils.ALIGNMENTS_NAME).read_text())["frames"]
+    verdicts = [[r["kept"] for r in record[f"{k:05d}.png"]["faces"]] for k in range(60)]
+    assert all(v == [True] for v in verdicts[:40])
+    assert all(v == ["another person"] for v in verdicts[40:])
