@@ -109,8 +109,9 @@ def write_bytes_atomic(path, data):
         raise
 
 
-def write_json(path, obj):
-    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+def write_json(path, obj, indent=1):
+    """Write atomically; indent=None for large records (json's C encoder: 7x faster than with an indent)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode())
 
 
 def read_json(path):

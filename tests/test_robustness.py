@@ -245,13 +245,13 @@ def interruptible():
 def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
     need_data()
     frames = tmp_path / "frames"
-    crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "450"])
+    crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "600"])
     proc = subprocess.Popen([sys.executable, str(ROOT / "crop_face.py"), "--images-dir", str(frames),
                              "--faces-dir", str(tmp_path / "faces"), "--workers", "2", "--redetect-every", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=interruptible)
-    # the first chunk has come back (two workers hold at most two), and four or more are left (~4 s)
-    while len(list((tmp_path / "faces").glob("*.png"))) < 3 * crop_face.CHUNK:
+    # a task has come back (two workers hold at most two), and more than 280 frames are left (~3 s)
+    while len(list((tmp_path / "faces").glob("*.png"))) < 2 * crop_face.chunk_size(600, 2) + 8:
         time.sleep(0.02)
     status = Path(f"/proc/{proc.pid}/status")
     signals = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
