@@ -134,8 +134,8 @@ def process_chunk(task):
 def chunk_size(frames, workers):
     """Frames per task: as many per worker as the frames allow, up to CHUNK (progress is saved per task),
     in tasks of equal size. Faces are followed through a task, and each face's identity (135 ms of a core)
-    is measured once per task. 602 frames on 2 workers: 4 tasks of 151 frames (5.3-6.4 s, against 6.8-7.1 s
-    in the 64-frame tasks used before); 200 frames: 2 of 100 (not 64 + 64 on one worker, 64 + 8 on the other)."""
+    is measured once per task. 602 frames on 2 workers: 4 tasks of 151 frames; 200 frames: 2 of 100 (not
+    64 + 64 on one worker and 64 + 8 on the other, as in fixed tasks of 64)."""
     tasks = max(1, workers * -(-frames // (workers * CHUNK)))
     return max(1, -(-frames // tasks))
 
