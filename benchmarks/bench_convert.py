@@ -11,6 +11,7 @@ model loading, decoding, finding faces, the model, blending, encoding):
              upsample 1 on the full frame, crops the raw box, applies random_warp, runs decoder B,
              pastes with a full-rectangle seamlessClone and writes 1920x1080 MJPG
 --stages also times each stage alone on each clip (decode, find faces, model, blend, encode): the profile.
+--precision times only the model of each preset, fp32 against bf16 autocast, as convert_video.py runs it.
 
     python benchmarks/bench_convert.py --frames 150 --tutorial-frames 15 --out bench_out/convert.json
 """
@@ -129,22 +130,52 @@ def stages(video, model_dir, frames):
     return {k: round(v, 1) for k, v in rates.items()}
 
 
-def run(frames=150, tutorial_frames=15, clips=None, with_stages=False):
+def precision_rates(batches=(16, 64), presets=("tiny", "lite128", "original"), repeats=3):
+    """ms per face of each preset's encoder + decoder B (channels-last, as convert_video.py runs them), in fp32
+    and in bf16 autocast: the fastest of `repeats` timings of a few batches of random faces."""
+    torch.manual_seed(0)
+    rows = []
+    for preset in presets:
+        model = models.build_model(models.model_config(preset)).eval().to(memory_format=torch.channels_last)
+        for batch in batches:
+            x = torch.rand(batch, 3, model.input_size, model.input_size).contiguous(memory_format=torch.channels_last)
+            row = dict(preset=preset, batch=batch)
+            for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                best = float("inf")
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                    model(x, "b")  # warm-up
+                    for _ in range(repeats):
+                        t = time.perf_counter()
+                        for _ in range(3):
+                            model(x, "b")
+                        best = min(best, (time.perf_counter() - t) / 3)
+                row[f"{name}_ms_per_face"] = round(1000 * best / batch, 2)
+            row["bf16_over_fp32"] = round(row["bf16_ms_per_face"] / row["fp32_ms_per_face"], 2)
+            rows.append(row)
+    return dict(benchmark="convert model precision", threads=torch.get_num_threads(),
+                amx=convert_video.cpu_has_amx(), chosen_by_auto=str(convert_video.model_precision(
+                    "auto", torch.device("cpu"))), rows=rows)
+
+
+def run(frames=150, tutorial_frames=15, clips=None, with_stages=False, before_commit=BASELINE_COMMIT):
     require_data()
     clips = clips or CLIPS_256 + CLIPS_512
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with checkout(BASELINE_COMMIT, tmp / "baseline") as baseline:
+        with checkout(before_commit, tmp / "baseline") as baseline:
             original, lite = make_checkpoint(tmp / "original", "original"), make_checkpoint(tmp / "lite", "lite128")
             default = make_checkpoint(tmp / "default", train.MODEL)
             old = make_checkpoint(tmp / "old", "original", old_format=True)
+            old_default = make_checkpoint(tmp / "old_default", train.MODEL, old_format=True)
             for clip in clips:
                 video = VIDEOS / clip
                 ours, n = timed_convert(ROOT / "convert_video.py", video, original, tmp / "ours.mp4", frames)
                 ours_lite, _ = timed_convert(ROOT / "convert_video.py", video, lite, tmp / "lite.mp4", frames)
                 ours_default, _ = timed_convert(ROOT / "convert_video.py", video, default, tmp / "default.mp4", frames)
                 before, _ = timed_convert(baseline / "convert_video.py", video, old, tmp / "before.mp4", frames)
+                before_default, _ = timed_convert(baseline / "convert_video.py", video, old_default,
+                                                  tmp / "before_default.mp4", frames)
                 t = time.perf_counter()
                 n_tut = tutorial_convert(video, original / models.CHECKPOINT, tmp / "tut.avi", tutorial_frames)
                 tut = n_tut / (time.perf_counter() - t)
@@ -152,15 +183,18 @@ def run(frames=150, tutorial_frames=15, clips=None, with_stages=False):
                            speedup_vs_before=round(ours / before, 2), ours_lite128_fps=round(ours_lite, 2),
                            default_model=train.MODEL, ours_default_fps=round(ours_default, 2),
                            default_speedup_vs_before=round(ours_default / before, 2),
+                           before_default_fps=round(before_default, 2),
+                           same_default_speedup_vs_before=round(ours_default / before_default, 2),
                            tutorial_fps=round(tut, 3), speedup_vs_tutorial=round(ours / tut, 1))
                 if with_stages:
                     row["stages_original"] = stages(video, original, frames)
                     row["stages_lite128"] = stages(video, lite, frames)
                 rows.append(row)
-    return dict(benchmark="convert", baseline_commit=BASELINE_COMMIT, clips=rows,
+    return dict(benchmark="convert", baseline_commit=before_commit, clips=rows,
                 note="each conversion timed as a whole process (start-up and model load included); the tutorial "
                      "loop without its 2 s sleep per frame; default_speedup_vs_before: ours with today's default "
-                     "model over before with its default (`original`)")
+                     "model over before with `original` (the default at a0118d6); same_default_speedup_vs_before: "
+                     "both with today's default model")
 
 
 if __name__ == "__main__":
@@ -168,6 +202,9 @@ if __name__ == "__main__":
     p.add_argument("--frames", type=int, default=150, help="frames per clip for convert_video.py")
     p.add_argument("--tutorial-frames", type=int, default=15, help="frames per clip for the slow tutorial loop")
     p.add_argument("--stages", action="store_true", help="also time each stage alone (the profile)")
+    p.add_argument("--precision", action="store_true", help="time only the models, fp32 against bf16")
+    p.add_argument("--before", default=BASELINE_COMMIT, metavar="COMMIT", help="the earlier commit to time beside")
     p.add_argument("--out", default=None, help="write the JSON here too")
     a = p.parse_args()
-    report(run(a.frames, a.tutorial_frames, with_stages=a.stages), a.out)
+    report(precision_rates() if a.precision else run(a.frames, a.tutorial_frames, with_stages=a.stages,
+                                                               before_commit=a.before), a.out)

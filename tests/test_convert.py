@@ -214,3 +214,25 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
         with pytest.raises(SystemExit) as e:
             convert_video.parse_args(["--sharpen", bad])
         assert e.value.code == 2
+
+
+def test_auto_precision_is_fp32_on_a_cpu_without_amx_and_the_swap_matches_bf16(obama_faces, monkeypatch):
+    """bf16 autocast ran slower than fp32 on CPUs without AMX (bench_convert.py --precision); the faces
+    it makes are the same to within bf16's rounding."""
+    import torch
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(convert_video, "cpu_has_amx", lambda: False)
+    assert convert_video.model_precision("auto", cpu) is None
+    assert convert_video.model_precision("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(convert_video, "cpu_has_amx", lambda: True)
+    assert convert_video.model_precision("auto", cpu) == utils.pick_precision("auto", cpu)
+    torch.manual_seed(0)
+    model = models.build_model(models.model_config("tiny")).eval().to(memory_format=torch.channels_last)
+    faces = [utils.read_image(p) for p in utils.list_images(obama_faces / "faces")[:4]]
+    x = utils.to_tensor(np.stack([cv2.resize(f[48:208, 48:208], (64, 64)) for f in faces]))
+    with torch.no_grad():
+        fp32 = model(x.contiguous(memory_format=torch.channels_last), "b")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x.contiguous(memory_format=torch.channels_last), "b").float()
+    assert (fp32 - bf16).abs().max() < 0.03
