@@ -603,28 +603,12 @@ def run(args):
         return convert(args, folder_mode)
 
 
-def model_precision(precision, device):
-    """The autocast dtype (None: fp32). --precision auto is bf16 where train.py would use it, except on a CPU
-    without AMX: there bf16 autocast ran every preset 1.1-1.4x slower than fp32 at batch 16 and 64
-    (python benchmarks/bench_convert.py --precision)."""
-    if precision == "auto" and device.type == "cpu" and not cpu_has_amx():
-        return None
-    return utils.pick_precision(precision, device)
-
-
-def cpu_has_amx():
-    """Whether the CPU has AMX bf16 tiles (Linux); where it does, bf16 convolutions outrun fp32."""
-    with contextlib.suppress(OSError):
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    return False
-
-
 def convert(args, folder_mode):
     device = utils.pick_device(args.device)
     ckpt = models.load_checkpoint(args.model_dir / args.checkpoint)
     model = models.model_from_checkpoint(ckpt).eval().to(device).to(memory_format=torch.channels_last)
     step = ckpt["step"]
-    dtype = model_precision(args.precision, device)
+    dtype = utils.pick_precision(args.precision, device)
     side = "b" if args.direction == "a2b" else "a"
     source = utils.FrameSource(args.video_path)
     settings = utils.detector_settings(args)

@@ -89,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrain", action="store_true",
                    help="train a base: both decoders learn every face of --faces-a and --faces-b (many people)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 on CPUs that support it and on recent GPUs, fp16 on older GPUs")
+                   help="auto: bf16 on recent GPUs and CPUs with AMX, fp16 on older GPUs, fp32 on other CPUs "
+                        "(faster there)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--save-every", type=utils.positive_int, default=SAVE_EVERY, help="steps between checkpoints")
     p.add_argument("--preview-every", type=utils.positive_int, default=PREVIEW_EVERY, help="steps between preview PNGs")

@@ -244,14 +244,25 @@ def cpu_supports_bf16():
     return False
 
 
+def cpu_has_amx():
+    """Whether the CPU has AMX bf16 tiles (Linux), where bf16 convolutions outrun fp32."""
+    with contextlib.suppress(OSError):
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
 def pick_precision(precision, device):
-    """torch dtype for autocast, or None for plain fp32."""
+    """torch dtype for autocast, or None for plain fp32.
+
+    auto: bf16 (fp16 on GPUs without it) on a GPU or an AMX CPU; fp32 on other CPUs, AVX-512 bf16 ones
+    included: there bf16 autocast was no faster for any preset, training or converting, and up to 1.3x
+    slower for the default `tiny` (benchmarks/bench_train.py --precision, bench_convert.py --precision)."""
     import torch
 
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else None
+        return torch.bfloat16 if cpu_has_amx() and cpu_supports_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

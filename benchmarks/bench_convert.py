@@ -153,8 +153,8 @@ def precision_rates(batches=(16, 64), presets=("tiny", "lite128", "original"), r
             row["bf16_over_fp32"] = round(row["bf16_ms_per_face"] / row["fp32_ms_per_face"], 2)
             rows.append(row)
     return dict(benchmark="convert model precision", threads=torch.get_num_threads(),
-                amx=convert_video.cpu_has_amx(), chosen_by_auto=str(convert_video.model_precision(
-                    "auto", torch.device("cpu"))), rows=rows)
+                amx=utils.cpu_has_amx(), chosen_by_auto=str(utils.pick_precision("auto", torch.device("cpu"))),
+                rows=rows)
 
 
 def run(frames=150, tutorial_frames=15, clips=None, with_stages=False, before_commit=BASELINE_COMMIT):

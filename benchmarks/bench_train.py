@@ -7,6 +7,7 @@ All on the same real faces (Obama / Andrew) in one run, batch 64+64 by default.
 
     python benchmarks/bench_train.py --steps 3 --out bench_out/train.json
     python benchmarks/bench_train.py --curve-steps 200 --batch-size 16    # loss curves, ours vs tutorial
+    python benchmarks/bench_train.py --precision --steps 10 --batch-size 16   # fp32 vs bf16, every preset
 """
 import argparse
 import itertools
@@ -42,16 +43,17 @@ def tutorial_steps(faces_a, faces_b, batch_size, steps):
         yield state["loss_a"], state["loss_b"], state["seconds"]
 
 
-def our_steps(faces_a, faces_b, batch_size, steps, precision, seed=0, workers=1):
+def our_steps(faces_a, faces_b, batch_size, steps, precision, seed=0, workers=1, preset="original"):
     """train.py's own step function and loader: yields (loss_a, loss_b, seconds) per step."""
     torch.manual_seed(seed)
     device = torch.device("cpu")
-    model = models.build_model(models.model_config("original")).to(memory_format=torch.channels_last)
+    model = models.build_model(models.model_config(preset)).to(memory_format=torch.channels_last)
     opt = train.make_optimizer(model, 5e-5)
     dtype = utils.pick_precision(precision, device)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     net = train.BothSides(model)
-    loader = iter(train.batch_loader(train.StepBatches(faces_a, faces_b, batch_size, 64, seed), 0, workers))
+    loader = iter(train.batch_loader(train.StepBatches(faces_a, faces_b, batch_size, model.input_size, seed), 0,
+                                     workers))
     for _ in range(steps):
         t = time.perf_counter()
         batch = next(loader)
@@ -62,6 +64,22 @@ def our_steps(faces_a, faces_b, batch_size, steps, precision, seed=0, workers=1)
 def samples_per_s(step_iter, batch_size, warmup=1):
     times = [t for _, _, t in step_iter][warmup:]
     return round(2 * batch_size * len(times) / sum(times), 2)
+
+
+def precision_rates(steps, batch_size, frames, presets=("tiny", "lite128", "original")):
+    """samples/s of train.py's step for each preset in fp32 and in bf16 autocast, on the same faces."""
+    with tempfile.TemporaryDirectory() as tmp:
+        faces_a, faces_b = prepare_faces(Path(tmp), frames)
+    rows = []
+    for preset in presets:
+        row = dict(preset=preset)
+        for precision in ("fp32", "bf16"):
+            row[f"{precision}_samples_per_s"] = samples_per_s(
+                our_steps(faces_a, faces_b, batch_size, steps + 1, precision, preset=preset), batch_size)
+        row["bf16_over_fp32"] = round(row["bf16_samples_per_s"] / row["fp32_samples_per_s"], 2)
+        rows.append(row)
+    return dict(benchmark="train precision", batch_size_per_side=batch_size, timed_steps=steps,
+                chosen_by_auto=str(utils.pick_precision("auto", torch.device("cpu"))), rows=rows)
 
 
 def run(steps=3, batch_size=64, curve_steps=0, frames=300):
@@ -98,6 +116,9 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=64, help="faces per side")
     p.add_argument("--curve-steps", type=int, default=0, help="also compare loss curves over this many steps")
     p.add_argument("--frames", type=int, default=300, help="frames per clip to take faces from")
+    p.add_argument("--precision", action="store_true",
+                   help="only train.py's step of each preset, fp32 against bf16 (e.g. --steps 10 --batch-size 16)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     a = p.parse_args()
-    report(run(a.steps, a.batch_size, a.curve_steps, a.frames), a.out)
+    report(precision_rates(a.steps, a.batch_size, a.frames) if a.precision else
+           run(a.steps, a.batch_size, a.curve_steps, a.frames), a.out)

@@ -217,16 +217,16 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
 
 
 def test_auto_precision_is_fp32_on_a_cpu_without_amx_and_the_swap_matches_bf16(obama_faces, monkeypatch):
-    """bf16 autocast ran slower than fp32 on CPUs without AMX (bench_convert.py --precision); the faces
-    it makes are the same to within bf16's rounding."""
+    """bf16 autocast ran no faster than fp32 on CPUs without AMX (bench_convert.py and bench_train.py
+    --precision); the faces it makes are the same to within bf16's rounding."""
     import torch
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(convert_video, "cpu_has_amx", lambda: False)
-    assert convert_video.model_precision("auto", cpu) is None
-    assert convert_video.model_precision("bf16", cpu) == torch.bfloat16
-    monkeypatch.setattr(convert_video, "cpu_has_amx", lambda: True)
-    assert convert_video.model_precision("auto", cpu) == utils.pick_precision("auto", cpu)
+    monkeypatch.setattr(utils, "cpu_has_amx", lambda: False)
+    assert utils.pick_precision("auto", cpu) is None
+    assert utils.pick_precision("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(utils, "cpu_has_amx", lambda: True)
+    assert utils.pick_precision("auto", cpu) == (torch.bfloat16 if utils.cpu_supports_bf16() else None)
     torch.manual_seed(0)
     model = models.build_model(models.model_config("tiny")).eval().to(memory_format=torch.channels_last)
     faces = [utils.read_image(p) for p in utils.list_images(obama_faces / "faces")[:4]]
