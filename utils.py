@@ -58,8 +58,8 @@ def read_image(path):
 
 
 # PNG as zlib's Huffman coding of each row's difference from the row above: lossless, and measured on
-# frames and faces of 256 and 512 px, 15-25 % faster to write than OpenCV's default, as fast to read,
-# the same size within 3 % (python benchmarks/bench_crop_face.py --png)
+# frames and faces of 256 and 512 px, 9-37 % faster to write than OpenCV's default, as fast or faster
+# to read, at most 3 % larger (python benchmarks/bench_crop_face.py --png)
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
               cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
