@@ -108,7 +108,8 @@ def bench_clip(clip, frames, naive_frames, workers, speed=True, png=False, befor
             row.update(process_fps=round(ours, 2), before_process_fps=round(then, 2),
                        speedup_vs_before=round(ours / then, 2))
         if png:
-            row.update(png_frames=png_figures(paths[:100]), png_faces=png_figures(utils.list_images(tmp / "followed")[:100]))
+            row.update(png_frames=png_figures(paths[:100]),
+                       png_faces=png_figures(utils.list_images(tmp / "followed")[:100]))
         if speed:
             (tmp / "naive").mkdir()
             t_naive = fastest(repeats, lambda k: naive_crop(paths[:naive_frames], tmp / "naive"))
