@@ -53,6 +53,8 @@ MASK = "both"                                # hull (landmarks), learned (the mo
 SMOOTH = 0.5                                 # share of the previous frame's landmarks kept (0 = off)
 SHARPEN = "auto"                             # unsharp amount on the swapped face: 0 = off, auto = the video's detail
 AUTO_SHARPEN_MAX = 2.0                       # the most --sharpen auto applies
+DETAIL = 1.0                                 # share of the replaced face's own skin texture kept (0 = off)
+DETAIL_CLIP = 2.0                            # ... up to this many of its typical amplitudes: texture, not edges
 BATCH_SIZE = 16                              # faces per model call
 WORKERS = 1                                  # detection processes (measured fastest on 2 cores, see README)
 IDENTITY_THRESHOLD = 0.6                     # face-recognition distance under which a face is the person
@@ -87,6 +89,9 @@ def parse_args(argv=None):
                    help="unsharp mask on the swapped face, at the scale the model's face is enlarged by: an amount "
                         "(e.g. 0.5; 0 = off), or auto: as much as brings the face's fine detail up to that of the "
                         f"face it replaces in this video (at most {AUTO_SHARPEN_MAX:g})")
+    p.add_argument("--detail", type=amount_at_least_0, default=DETAIL,
+                   help="keep this share of the replaced face's own texture (skin and grain finer than the model "
+                        "draws, limited in amplitude so that its edges do not carry over) on the swapped face (0 = off)")
     p.add_argument("--smooth", type=float, default=SMOOTH, help="temporal landmark smoothing 0..0.95 (0 = off)")
     p.add_argument("--start-frame", type=utils.non_negative_int, default=0, help="first frame to convert")
     p.add_argument("--max-frames", type=utils.non_negative_int, default=0, help="convert at most N frames (0 = all)")
@@ -109,14 +114,17 @@ def parse_args(argv=None):
 
 def sharpen_amount(text):
     """--sharpen: 'auto' or an amount >= 0."""
-    if text == "auto":
-        return text
+    return text if text == "auto" else amount_at_least_0(text, "'auto' or ")
+
+
+def amount_at_least_0(text, also=""):
+    """argparse type: a number >= 0."""
     try:
         amount = float(text)
     except ValueError:
         amount = -1
     if not amount >= 0:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {also}a number >= 0, got {text!r}")
     return amount
 
 
@@ -156,6 +164,8 @@ def paste_face(frame, face, matrix, landmarks, args, face_mask=None):
         mask = (learned * inside).astype(np.float32) if args.mask == "learned" else mask * learned
     mask = erode_and_blur(mask, face_width * args.mask_erode, blur_px)
     swapped = color_transfer(swapped, roi, mask, args.color)
+    if getattr(args, "detail", 0) > 0:
+        swapped = keep_texture(swapped, roi, mask, face_width / size, args.detail)
     if args.sharpen != 0:
         swapped = sharpen(swapped, roi, mask, face_width / size, args.sharpen)
     out = frame.copy()
@@ -206,7 +216,7 @@ def sharpen(face, source, mask, upscale, amount):
     Laplacian where mask > 0.5) up to that of `source`, the face it replaces, at most AUTO_SHARPEN_MAX;
     never more than the source has, so a soft or grainy video gets a face of its own kind."""
     face = face.astype(np.float32)
-    detail = face - cv2.GaussianBlur(face, (0, 0), max(0.8, upscale / 2))
+    detail = fine_band(face, upscale)
     if amount == "auto":
         inside = mask > 0.5
         if inside.sum() < 16:
@@ -223,6 +233,24 @@ def sharpen(face, source, mask, upscale, amount):
             return face
         amount = min(AUTO_SHARPEN_MAX, (-a1 + np.sqrt(a1 * a1 - 4 * a2 * a0)) / (2 * a2))
     return np.clip(face + amount * detail, 0, 255)
+
+
+def keep_texture(face, source, mask, upscale, amount):
+    """`face` with `amount` of `source`'s (the face it replaces) texture added: the band finer than the model's
+    pixels (`upscale` frame pixels each), which the model cannot draw, softly limited (tanh) to DETAIL_CLIP times
+    that band's typical amplitude inside the mask (> 0.5). Skin texture and the video's grain carry over; the
+    strong edges of the replaced face's eyes, brows and mouth, which would show its features through, do not."""
+    band = fine_band(source.astype(np.float32), upscale)
+    few = (mask > 0.5)[::2, ::2]  # the amplitude from every second pixel, as colour_transfer's statistics
+    if few.sum() < 16:
+        return face
+    limit = DETAIL_CLIP * 1.4826 * np.median(np.abs(band[::2, ::2][few])) + 1e-3  # a robust standard deviation
+    return np.clip(face + amount * limit * np.tanh(band / limit), 0, 255)
+
+
+def fine_band(image, upscale):
+    """What a float image holds finer than a model pixel enlarged `upscale` times: it less its Gaussian blur."""
+    return image - cv2.GaussianBlur(image, (0, 0), max(0.8, upscale / 2))
 
 
 def erode_and_blur(mask, erode_px, blur_px):

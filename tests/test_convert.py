@@ -173,7 +173,8 @@ def test_learned_mask_limits_what_is_pasted(obama_faces):
 
     def changed(mask, face_mask):
         settings = SimpleNamespace(color="none", mask=mask, mask_erode=convert_video.MASK_ERODE,
-                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=0)
+                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=0,
+                                   detail=0)
         out = convert_video.paste_face(frame, face, matrix, landmarks, settings, face_mask)
         return (out != frame).any(2)
 
@@ -198,7 +199,8 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
         matrix = utils.align_matrix(landmarks, 64)
         face = cv2.warpAffine(frame, matrix, (64, 64), flags=cv2.INTER_AREA)  # what a 64 px model draws at best
         settings = SimpleNamespace(color="none", mask="hull", mask_erode=convert_video.MASK_ERODE,
-                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=sharpen)
+                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=sharpen,
+                                   detail=0)
         return utils.sharpness(convert_video.paste_face(frame, face, matrix, landmarks, settings), landmarks)
 
     source, soft, auto = utils.sharpness(sharp, landmarks), pasted(sharp, 0), pasted(sharp, "auto")
@@ -214,6 +216,35 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
         with pytest.raises(SystemExit) as e:
             convert_video.parse_args(["--sharpen", bad])
         assert e.value.code == 2
+
+
+def test_detail_keeps_the_replaced_faces_texture_but_not_its_edges(obama_faces):
+    """--detail: the band finer than the model's pixels comes from the face being replaced, limited in amplitude:
+    its skin texture and grain carry over, the strong edges of its eyes and mouth (its features) do not."""
+    record = json.loads((obama_faces / "faces" / "alignments.json").read_text())["frames"]["000000.png"]
+    landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
+    frame = utils.read_image(obama_faces / "frames" / "000000.png")
+    matrix = utils.align_matrix(landmarks, 64)
+    flat = np.full((64, 64, 3), 128, np.uint8)  # a face without detail: what detail the paste has is the source's
+    inside = cv2.erode(utils.face_hull_mask(landmarks, frame.shape), np.ones((15, 15))) > 0.5  # off the feather
+
+    def band(image):
+        return convert_video.fine_band(image.astype(np.float32), utils.matrix_scale(matrix) ** -1)[inside]
+
+    def pasted(detail):
+        settings = convert_video.parse_args(["--color", "none", "--mask", "hull", "--sharpen", "0",
+                                             "--detail", str(detail)])
+        return band(convert_video.paste_face(frame, flat, matrix, landmarks, settings))
+
+    source, none, once, twice = band(frame), pasted(0), pasted(1), pasted(2)
+    assert none.std() < 0.3  # the flat face alone
+    assert np.corrcoef(source, once)[0, 1] > 0.8  # the source's own texture, where it was
+    assert np.median(np.abs(once)) > 0.5 * np.median(np.abs(source))  # at about its typical amplitude ...
+    assert np.abs(once).max() < 0.1 * np.abs(source).max()  # ... but not its edges
+    assert 1.7 < np.median(np.abs(twice)) / np.median(np.abs(once)) < 2.1  # the amount scales it
+    with pytest.raises(SystemExit) as e:
+        convert_video.parse_args(["--detail", "-0.5"])
+    assert e.value.code == 2
 
 
 def test_auto_precision_is_fp32_on_a_cpu_without_amx_and_the_swap_matches_bf16(obama_faces, monkeypatch):
