@@ -91,7 +91,8 @@ def parse_args(argv=None):
                         f"face it replaces in this video (at most {AUTO_SHARPEN_MAX:g})")
     p.add_argument("--detail", type=amount_at_least_0, default=DETAIL,
                    help="keep this share of the replaced face's own texture (skin and grain finer than the model "
-                        "draws, limited in amplitude so that its edges do not carry over) on the swapped face (0 = off)")
+                        "draws, limited in amplitude so that its edges do not carry over) on the swapped face "
+                        "(0 = off)")
     p.add_argument("--smooth", type=float, default=SMOOTH, help="temporal landmark smoothing 0..0.95 (0 = off)")
     p.add_argument("--start-frame", type=utils.non_negative_int, default=0, help="first frame to convert")
     p.add_argument("--max-frames", type=utils.non_negative_int, default=0, help="convert at most N frames (0 = all)")
