@@ -246,7 +246,11 @@ def keep_texture(face, source, mask, upscale, amount):
     if few.sum() < 16:
         return face
     limit = DETAIL_CLIP * 1.4826 * np.median(np.abs(band[::2, ::2][few])) + 1e-3  # a robust standard deviation
-    return np.clip(face + amount * limit * np.tanh(band / limit), 0, 255)
+    band *= 1 / limit  # in place from here: face + amount * limit * tanh(band / limit), clipped to 0..255
+    np.tanh(band, out=band)
+    band *= amount * limit
+    band += face
+    return np.clip(band, 0, 255, out=band)
 
 
 def fine_band(image, upscale):
