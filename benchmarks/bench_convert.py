@@ -12,6 +12,7 @@ model loading, decoding, finding faces, the model, blending, encoding):
              pastes with a full-rectangle seamlessClone and writes 1920x1080 MJPG
 --stages also times each stage alone on each clip (decode, find faces, model, blend, encode): the profile.
 --precision times only the model of each preset, fp32 against bf16 autocast, as convert_video.py runs it.
+--blend times only the pasting of one face (paste_face, today's defaults) with --detail 0 and 1, per clip.
 
     python benchmarks/bench_convert.py --frames 150 --tutorial-frames 15 --out bench_out/convert.json
 """
@@ -157,6 +158,29 @@ def precision_rates(batches=(16, 64), presets=("tiny", "lite128", "original"), r
                 rows=rows)
 
 
+def blend_rates(clips=None, repeats=3, n=40):
+    """ms of one core to paste a face (a 64 px crop of the clip's first frame) with convert_video.py's defaults,
+    with --detail 0 and 1: the fastest of `repeats` timings of n pastes each, the two settings interleaved."""
+    require_data()
+    rows = []
+    for clip in clips or CLIPS_256 + CLIPS_512:
+        frame = next(iter(utils.FrameSource(VIDEOS / clip))).image
+        landmarks = utils.FaceTracker(utils.FaceAnalyzer())(frame)[0][1]
+        matrix = utils.align_matrix(landmarks, 64, coverage=1.0)
+        face = utils.warp_face(frame, matrix, 64)
+        best = {}
+        for _ in range(repeats):
+            for detail in (0, 1):
+                settings = convert_video.parse_args(["--detail", str(detail)])
+                t = time.perf_counter()
+                for _ in range(n):
+                    convert_video.paste_face(frame, face, matrix, landmarks, settings)
+                best[detail] = min(best.get(detail, float("inf")), (time.perf_counter() - t) / n)
+        rows.append(dict(clip=clip, size=frame.shape[1], detail_0_ms=round(1000 * best[0], 2),
+                         detail_1_ms=round(1000 * best[1], 2)))
+    return dict(benchmark="convert blend per face", rows=rows)
+
+
 def run(frames=150, tutorial_frames=15, clips=None, with_stages=False, before_commit=BASELINE_COMMIT):
     require_data()
     clips = clips or CLIPS_256 + CLIPS_512
@@ -203,8 +227,11 @@ if __name__ == "__main__":
     p.add_argument("--tutorial-frames", type=int, default=15, help="frames per clip for the slow tutorial loop")
     p.add_argument("--stages", action="store_true", help="also time each stage alone (the profile)")
     p.add_argument("--precision", action="store_true", help="time only the models, fp32 against bf16")
+    p.add_argument("--blend", action="store_true", help="time only the pasting of a face, --detail 0 against 1")
     p.add_argument("--before", default=BASELINE_COMMIT, metavar="COMMIT", help="the earlier commit to time beside")
     p.add_argument("--out", default=None, help="write the JSON here too")
     a = p.parse_args()
-    report(precision_rates() if a.precision else run(a.frames, a.tutorial_frames, with_stages=a.stages,
-                                                               before_commit=a.before), a.out)
+    if a.precision or a.blend:
+        report(precision_rates() if a.precision else blend_rates(), a.out)
+    else:
+        report(run(a.frames, a.tutorial_frames, with_stages=a.stages, before_commit=a.before), a.out)
