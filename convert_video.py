@@ -165,7 +165,7 @@ def paste_face(frame, face, matrix, landmarks, args, face_mask=None):
         mask = (learned * inside).astype(np.float32) if args.mask == "learned" else mask * learned
     mask = erode_and_blur(mask, face_width * args.mask_erode, blur_px)
     swapped = color_transfer(swapped, roi, mask, args.color)
-    if getattr(args, "detail", 0) > 0:
+    if args.detail > 0:
         swapped = keep_texture(swapped, roi, mask, face_width / size, args.detail)
     if args.sharpen != 0:
         swapped = sharpen(swapped, roi, mask, face_width / size, args.sharpen)
