@@ -216,7 +216,7 @@ def sharpen(face, source, mask, upscale, amount):
     per model pixel). amount "auto": as much as brings the face's fine detail (variance of the grey
     Laplacian where mask > 0.5) up to that of `source`, the face it replaces, at most AUTO_SHARPEN_MAX;
     never more than the source has, so a soft or grainy video gets a face of its own kind."""
-    face = face.astype(np.float32)
+    face = face.astype(np.float32, copy=False)  # float already after --detail
     detail = fine_band(face, upscale)
     if amount == "auto":
         inside = mask > 0.5
