@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, checkout, report, require_data
+from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, checkout, fastest, report, require_data, timed
 
 import convert_video
 import models
@@ -142,14 +142,9 @@ def precision_rates(batches=(16, 64), presets=("tiny", "lite128", "original"), r
             x = torch.rand(batch, 3, model.input_size, model.input_size).contiguous(memory_format=torch.channels_last)
             row = dict(preset=preset, batch=batch)
             for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-                best = float("inf")
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
                     model(x, "b")  # warm-up
-                    for _ in range(repeats):
-                        t = time.perf_counter()
-                        for _ in range(3):
-                            model(x, "b")
-                        best = min(best, (time.perf_counter() - t) / 3)
+                    best = fastest(repeats, lambda k: [model(x, "b") for _ in range(3)]) / 3
                 row[f"{name}_ms_per_face"] = round(1000 * best / batch, 2)
             row["bf16_over_fp32"] = round(row["bf16_ms_per_face"] / row["fp32_ms_per_face"], 2)
             rows.append(row)
@@ -162,20 +157,20 @@ def blend_rates(clips=None, repeats=3, n=40):
     """ms of one core to paste a face (a 64 px crop of the clip's first frame) with convert_video.py's defaults,
     with --detail 0 and 1: the fastest of `repeats` timings of n pastes each, the two settings interleaved."""
     require_data()
+    analyzer = utils.FaceAnalyzer()  # dlib's models, loaded once
+    settings = {detail: convert_video.parse_args(["--detail", str(detail)]) for detail in (0, 1)}
     rows = []
     for clip in clips or CLIPS_256 + CLIPS_512:
         frame = next(iter(utils.FrameSource(VIDEOS / clip))).image
-        landmarks = utils.FaceTracker(utils.FaceAnalyzer())(frame)[0][1]
+        landmarks = utils.FaceTracker(analyzer)(frame)[0][1]
         matrix = utils.align_matrix(landmarks, 64, coverage=1.0)
         face = utils.warp_face(frame, matrix, 64)
-        best = {}
+        best = dict.fromkeys(settings, float("inf"))
         for _ in range(repeats):
-            for detail in (0, 1):
-                settings = convert_video.parse_args(["--detail", str(detail)])
-                t = time.perf_counter()
-                for _ in range(n):
-                    convert_video.paste_face(frame, face, matrix, landmarks, settings)
-                best[detail] = min(best.get(detail, float("inf")), (time.perf_counter() - t) / n)
+            for detail, chosen in settings.items():
+                _, seconds = timed(lambda: [convert_video.paste_face(frame, face, matrix, landmarks, chosen)
+                                            for _ in range(n)])
+                best[detail] = min(best[detail], seconds / n)
         rows.append(dict(clip=clip, size=frame.shape[1], detail_0_ms=round(1000 * best[0], 2),
                          detail_1_ms=round(1000 * best[1], 2)))
     return dict(benchmark="convert blend per face", rows=rows)

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, checkout, report, require_data, timed
+from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, checkout, fastest, report, require_data, timed
 
 import crop_face
 import crop_from_video
@@ -71,11 +71,6 @@ def png_figures(paths, repeats=3):
         out[name] = dict(write_ms=round(1000 * write_s / len(images), 2), read_ms=round(1000 * read_s / len(images), 2),
                          kib=round(sum(b.size for b in buffers) / len(images) / 1024, 1))
     return out
-
-
-def fastest(repeats, fn, *args):
-    """Seconds of the fastest of `repeats` calls fn(k, *args) (k = 0, 1, ...): the machine's noise only slows."""
-    return min(timed(fn, k, *args)[1] for k in range(repeats))
 
 
 def process_run(k, script, frames_dir, faces_dir, workers):

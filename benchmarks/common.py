@@ -37,6 +37,11 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
+def fastest(repeats, fn, *args):
+    """Seconds of the fastest of `repeats` calls fn(k, *args) (k = 0, 1, ...): the machine's noise only slows."""
+    return min(timed(fn, k, *args)[1] for k in range(repeats))
+
+
 def peak_rss_mib():
     """Peak resident memory of this process and its finished children, MiB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
