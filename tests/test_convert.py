@@ -29,6 +29,13 @@ def run(argv, capsys):
     return run_main(convert_video.main, argv, capsys)
 
 
+def first_frame_and_face(faces_fixture):
+    """The first frame of a frames_and_faces fixture and its kept face's 68 landmarks (from alignments.json)."""
+    record = json.loads((faces_fixture / "faces" / utils.ALIGNMENTS_NAME).read_text())["frames"]["000000.png"]
+    landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
+    return utils.read_image(faces_fixture / "frames" / "000000.png"), landmarks
+
+
 def test_video_keeps_format_audio_and_untouched_pixels(clip_with_audio, tiny_model, tmp_path, capsys):
     clip, frames = clip_with_audio
     out = tmp_path / "out.mp4"
@@ -162,9 +169,7 @@ def test_video_writer_leaves_no_temp_file_when_it_cannot_start(tmp_path):
 def test_learned_mask_limits_what_is_pasted(obama_faces):
     """--mask: the model's own mask (a 4th output channel) cuts the pasted region; the hull alone ignores it."""
     from types import SimpleNamespace
-    record = json.loads((obama_faces / "faces" / "alignments.json").read_text())["frames"]["000000.png"]
-    landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
-    frame = utils.read_image(obama_faces / "frames" / "000000.png")
+    frame, landmarks = first_frame_and_face(obama_faces)
     size = 128
     matrix = utils.align_matrix(landmarks, size, coverage=1.0)
     face = np.full((size, size, 3), 255, np.uint8)  # a white face: every pasted pixel changes
@@ -191,9 +196,7 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
     """--sharpen auto: a face drawn at 64 px and enlarged gains fine detail, up to the face it replaces; over a
     soft (blurred) video it adds nothing beyond that video's own detail. A bad amount is a one-line error."""
     from types import SimpleNamespace
-    record = json.loads((obama_faces / "faces" / "alignments.json").read_text())["frames"]["000000.png"]
-    landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
-    sharp = utils.read_image(obama_faces / "frames" / "000000.png")
+    sharp, landmarks = first_frame_and_face(obama_faces)
 
     def pasted(frame, sharpen):
         matrix = utils.align_matrix(landmarks, 64)
@@ -221,9 +224,7 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
 def test_detail_keeps_the_replaced_faces_texture_but_not_its_edges(obama_faces):
     """--detail: the band finer than the model's pixels comes from the face being replaced, limited in amplitude:
     its skin texture and grain carry over, the strong edges of its eyes and mouth (its features) do not."""
-    record = json.loads((obama_faces / "faces" / "alignments.json").read_text())["frames"]["000000.png"]
-    landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
-    frame = utils.read_image(obama_faces / "frames" / "000000.png")
+    frame, landmarks = first_frame_and_face(obama_faces)
     matrix = utils.align_matrix(landmarks, 64)
     flat = np.full((64, 64, 3), 128, np.uint8)  # a face without detail: what detail the paste has is the source's
     inside = cv2.erode(utils.face_hull_mask(landmarks, frame.shape), np.ones((15, 15))) > 0.5  # off the feather
