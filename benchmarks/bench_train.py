@@ -8,9 +8,13 @@ All on the same real faces (Obama / Andrew) in one run, batch 64+64 by default.
     python benchmarks/bench_train.py --steps 3 --out bench_out/train.json
     python benchmarks/bench_train.py --curve-steps 200 --batch-size 16    # loss curves, ours vs tutorial
     python benchmarks/bench_train.py --precision --steps 10 --batch-size 16   # fp32 vs bf16, every preset
+    python benchmarks/bench_train.py --before f253d8e --steps 200 --repeats 3   # train.py's default recipe, now vs then
 """
 import argparse
+import csv
 import itertools
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tutorial
-from common import VIDEOS, report, require_data
+from common import ROOT, VIDEOS, checkout, report, require_data
 
 import crop_face
 import crop_from_video
@@ -82,6 +86,37 @@ def precision_rates(steps, batch_size, frames, presets=("tiny", "lite128", "orig
                 chosen_by_auto=str(utils.pick_precision("auto", torch.device("cpu"))), rows=rows)
 
 
+def recipe_rate(root, faces, model_dir, steps):
+    """samples/s of `root`/train.py with its own defaults for `steps` steps, as a user runs it (a fresh process,
+    its batch-making worker included): the median of its log rows after the first two, which hold the start-up."""
+    subprocess.run([sys.executable, str(root / "train.py"), "--faces-a", str(faces[0]), "--faces-b", str(faces[1]),
+                    "--model-dir", str(model_dir), "--iterations", str(steps), "--save-every", str(steps),
+                    "--preview-every", str(steps)], check=True, capture_output=True)
+    rows = [float(r["samples_per_s"]) for r in csv.DictReader(open(model_dir / "log.csv"))]
+    return float(np.median(rows[2:]))
+
+
+def recipe_rates(before, steps, repeats, frames):
+    """train.py's default recipe here and at commit `before`, on the same faces, alternating, best of `repeats`."""
+    require_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for clip, name in (("styletalk_obama_clip1.mp4", "A"), ("styletalk_andrew_clip1.mp4", "B")):
+            crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(tmp / name),
+                                  "--max-frames", str(frames)])
+            crop_face.main(["--images-dir", str(tmp / name), "--faces-dir", str(tmp / f"{name}_face")])
+        faces = (tmp / "A_face", tmp / "B_face")
+        ours, then = [], []
+        with checkout(before, tmp / "before") as old:
+            for k in range(repeats):
+                for root, rates in ((ROOT, ours), (old, then)):
+                    rates.append(recipe_rate(root, faces, tmp / f"model_{len(ours)}_{len(then)}", steps))
+    return dict(benchmark="train recipe", before_commit=before, steps=steps, repeats=repeats,
+                ours_samples_per_s=round(max(ours), 2), before_samples_per_s=round(max(then), 2),
+                speedup=round(max(ours) / max(then), 3), ours_all=[round(r, 2) for r in ours],
+                before_all=[round(r, 2) for r in then])
+
+
 def run(steps=3, batch_size=64, curve_steps=0, frames=300):
     require_data()
     torch.set_num_threads(torch.get_num_threads())
@@ -118,7 +153,13 @@ if __name__ == "__main__":
     p.add_argument("--frames", type=int, default=300, help="frames per clip to take faces from")
     p.add_argument("--precision", action="store_true",
                    help="only train.py's step of each preset, fp32 against bf16 (e.g. --steps 10 --batch-size 16)")
+    p.add_argument("--before", metavar="COMMIT", default=None,
+                   help="only train.py's default recipe (its own defaults, a fresh process), here against COMMIT")
+    p.add_argument("--repeats", type=int, default=3, help="with --before: runs of each, the fastest counts")
     p.add_argument("--out", default=None, help="write the JSON here too")
     a = p.parse_args()
-    report(precision_rates(a.steps, a.batch_size, a.frames) if a.precision else
-           run(a.steps, a.batch_size, a.curve_steps, a.frames), a.out)
+    if a.before:
+        report(recipe_rates(a.before, a.steps, a.repeats, a.frames), a.out)
+    else:
+        report(precision_rates(a.steps, a.batch_size, a.frames) if a.precision else
+               run(a.steps, a.batch_size, a.curve_steps, a.frames), a.out)
