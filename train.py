@@ -104,42 +104,46 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- data
 
 
-def random_transform(image, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
-    """Random rotation/zoom/shift (border replicated) and horizontal flip, as the tutorial."""
-    h, w = image.shape[:2]
+def random_transform(size, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
+    """3x3 matrix of a random rotation/zoom/shift and horizontal flip of a size x size face, as the tutorial's.
+
+    The tutorial warped the whole face with it before random_warp; random_warp folds it into its own
+    sampling instead: one interpolation instead of two, and a fifth of the pixels to warp."""
     angle = rng.uniform(-rotation, rotation)
     scale = rng.uniform(1 - zoom, 1 + zoom)
-    tx, ty = rng.uniform(-shift, shift) * w, rng.uniform(-shift, shift) * h
-    mat = cv2.getRotationMatrix2D((w // 2, h // 2), angle, scale)
-    mat[:, 2] += (tx, ty)
-    out = cv2.warpAffine(image, mat, (w, h), borderMode=cv2.BORDER_REPLICATE)
+    tx, ty = rng.uniform(-shift, shift) * size, rng.uniform(-shift, shift) * size
+    mat = np.vstack([cv2.getRotationMatrix2D((size // 2, size // 2), angle, scale), [0, 0, 1]])
+    mat[:2, 2] += (tx, ty)
     if rng.random() < flip:
-        out = out[:, ::-1]
-    return out
+        mat = np.array([[-1.0, 0, size - 1], [0, 1, 0], [0, 0, 1]]) @ mat
+    return mat
 
 
-def random_warp(image, rng, size=64, coverage=utils.FACE_COVERAGE, sigma=5.0):
+def random_warp(image, rng, size=64, coverage=utils.FACE_COVERAGE, sigma=5.0, transform=None):
     """(warped input, target) at size x size from a 256 face, as the tutorial.
 
     A 5x5 grid over the central `coverage` of the face is jittered by N(0, sigma px);
     the input is remapped through the jittered grid, the target is the same region
-    taken with the similarity fit of the jittered grid to the regular one.
+    taken with the similarity fit of the jittered grid to the regular one. `transform`
+    (random_transform's matrix) moves the face first, as if the image had been warped by it.
     """
     full = image.shape[0]
     half = full * coverage / 2
     grid = np.linspace(full / 2 - half, full / 2 + half, 5)
     mapx = np.broadcast_to(grid, (5, 5)) + rng.normal(0, sigma * full / 256, (5, 5))
     mapy = np.broadcast_to(grid, (5, 5)).T + rng.normal(0, sigma * full / 256, (5, 5))
+    src = np.stack([mapx.ravel(), mapy.ravel()], axis=-1)  # in the moved face's pixels
+    transform = np.eye(3) if transform is None else transform
+    mapx, mapy = utils.transform_points(src, np.linalg.inv(transform)[:2]).reshape(5, 5, 2).transpose(2, 0, 1)
     pad = size // 8  # resize the 5x5 grid to size*1.25 and keep the inner size x size
     interp_x = cv2.resize(mapx, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
     interp_y = cv2.resize(mapy, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
-    warped = cv2.remap(image, interp_x, interp_y, cv2.INTER_LINEAR)
-    src = np.stack([mapx.ravel(), mapy.ravel()], axis=-1)
+    warped = cv2.remap(image, interp_x, interp_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     dst = np.mgrid[0:size + 1:size // 4, 0:size + 1:size // 4].T.reshape(-1, 2)
-    mat = utils.umeyama(src, dst)[:2]
-    target = cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_AREA)
+    mat = (utils.umeyama(src, dst) @ transform)[:2]
+    # bilinear, as before: warpAffine has no INTER_AREA (it falls back to bilinear)
+    target = cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return warped, target
-
 
 
 def region_weights(landmarks, size=utils.FACE_SIZE, brow_lift=1.0):
@@ -170,7 +174,7 @@ def make_batch(faces, rng, batch_size, size, warp=True):
     idx = rng.integers(len(faces), size=batch_size)
     inputs, targets = [], []
     for i in idx:
-        warped, target = random_warp(random_transform(faces[i], rng), rng, size)
+        warped, target = random_warp(faces[i], rng, size, transform=random_transform(faces[i].shape[0], rng))
         inputs.append(warped if warp else target)
         targets.append(target)
     inputs, targets = np.stack(inputs), np.stack(targets)

@@ -1,6 +1,7 @@
 """train.py: checkpoints, exact resume, Ctrl-C, NaN, bad input, and learning on real faces."""
 import csv
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -153,6 +154,21 @@ def test_augmentation_pairs_match():
     for img in (warped, target):
         ys, xs = np.nonzero(img[..., 0] > 128)
         assert abs(ys.mean() - 32) < 4 and abs(xs.mean() - 32) < 4
+
+
+def test_random_transform_folded_into_the_warp_is_the_warped_face(faces):
+    """random_warp with random_transform's matrix samples the real face as the tutorial's two warps did
+    (the face moved first, then warped), but in one interpolation: the same pixels within a grey level,
+    and at least as sharp."""
+    face = cv2.imread(str(sorted(faces[0].glob("*.png"))[0]))
+    for seed in range(8):  # rotations, zooms, shifts, flips
+        mat = train.random_transform(256, np.random.default_rng([seed, 0]))
+        moved = cv2.warpAffine(face, mat[:2], (256, 256), borderMode=cv2.BORDER_REPLICATE)
+        twice = train.random_warp(moved, np.random.default_rng([seed, 1]), 64)
+        once = train.random_warp(face, np.random.default_rng([seed, 1]), 64, transform=mat)
+        for a, b in zip(twice, once):
+            assert np.abs(a.astype(float) - b).mean() < 1.5
+            assert cv2.Laplacian(b, cv2.CV_64F).var() >= cv2.Laplacian(a, cv2.CV_64F).var()
 
 
 def test_fixed_batch_loss_drops():
