@@ -203,7 +203,8 @@ def run(frames=150, tutorial_frames=15, clips=None, with_stages=False, before_co
                 for name, root, model_dir, fps in (("ours", ROOT, default, ours_default),
                                                    ("before", baseline, old_default, before_default)):
                     one = convert_fps(root, model_dir, 1)
-                    startup[name] = (1 / one, (n - 1) / (n / fps - 1 / one))  # (seconds, frames/s after them)
+                    after = n / fps - 1 / one  # seconds of the other frames; noise can make it <= 0 on a short clip
+                    startup[name] = (1 / one, (n - 1) / after if after > 0 else float("nan"))
                 t = time.perf_counter()
                 n_tut = tutorial_convert(video, original / models.CHECKPOINT, tmp / "tut.avi", tutorial_frames)
                 tut = n_tut / (time.perf_counter() - t)
