@@ -31,14 +31,19 @@ import train
 import utils
 
 
-def prepare_faces(tmp, frames):
-    dirs = []
+def extract_faces(tmp, frames):
+    """Folders of Obama's and Andrew Ng's faces from the first `frames` frames of their clips."""
+    folders = []
     for clip, name in (("styletalk_obama_clip1.mp4", "A"), ("styletalk_andrew_clip1.mp4", "B")):
         crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(tmp / name),
                               "--max-frames", str(frames)])
         crop_face.main(["--images-dir", str(tmp / name), "--faces-dir", str(tmp / f"{name}_face")])
-        dirs.append(train.load_training_faces([tmp / f"{name}_face"], quiet=True)[0])
-    return dirs
+        folders.append(tmp / f"{name}_face")
+    return folders
+
+
+def prepare_faces(tmp, frames):
+    return [train.load_training_faces([folder], quiet=True)[0] for folder in extract_faces(tmp, frames)]
 
 
 def tutorial_steps(faces_a, faces_b, batch_size, steps):
@@ -101,14 +106,10 @@ def recipe_rates(before, steps, repeats, frames):
     require_data()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for clip, name in (("styletalk_obama_clip1.mp4", "A"), ("styletalk_andrew_clip1.mp4", "B")):
-            crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(tmp / name),
-                                  "--max-frames", str(frames)])
-            crop_face.main(["--images-dir", str(tmp / name), "--faces-dir", str(tmp / f"{name}_face")])
-        faces = (tmp / "A_face", tmp / "B_face")
+        faces = extract_faces(tmp, frames)
         ours, then = [], []
         with checkout(before, tmp / "before") as old:
-            for k in range(repeats):
+            for _ in range(repeats):
                 for root, rates in ((ROOT, ours), (old, then)):
                     rates.append(recipe_rate(root, faces, tmp / f"model_{len(ours)}_{len(then)}", steps))
     return dict(benchmark="train recipe", before_commit=before, steps=steps, repeats=repeats,
