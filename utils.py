@@ -621,15 +621,8 @@ def transform_points(points, matrix):
 
 
 def warp_face(image, matrix, size):
-    """The size x size crop that `matrix` takes the image to. warpAffine has no INTER_AREA (it samples
-    bilinearly, which aliases when shrinking), so a crop shrunk k or more times (a 64 px model face from a
-    300 px face) is warped at k x size and box-averaged down."""
-    k = max(1, int(1 / max(matrix_scale(matrix), 1e-6)))
-    if k > 1:
-        matrix = np.asarray(matrix, np.float64) * k
-        matrix[:, 2] += (k - 1) / 2  # pixel centres: output pixel i is the mean of k x k samples around it
-    out = cv2.warpAffine(image, matrix, (size * k, size * k), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return out if k == 1 else cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_AREA if matrix_scale(matrix) < 1
+                          else cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def matrix_scale(matrix):

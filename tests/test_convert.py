@@ -5,7 +5,7 @@ import av
 import cv2
 import numpy as np
 import pytest
-from conftest import OBAMA, VIDEOS, make_clip, need_data, run_main
+from conftest import OBAMA, make_clip, need_data, run_main
 
 import convert_video
 import models
@@ -268,24 +268,3 @@ def test_auto_precision_is_fp32_on_a_cpu_without_amx_and_the_swap_matches_bf16(o
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(x.contiguous(memory_format=torch.channels_last), "b").float()
     assert (fp32 - bf16).abs().max() < 0.03
-
-
-def test_model_face_from_a_512_frame_averages_the_pixels_it_covers():
-    """The 64 px model face of a 512 px talking head is the frame shrunk ~5x: warp_face box-averages it,
-    as a 16x supersampled warp does. warpAffine alone samples bilinearly whatever flag it is given (no
-    INTER_AREA), which aliases: ~9 grey levels off here."""
-    need_data()
-    frame = next(utils.read_video(VIDEOS / "sadtalker_WDA_KatieHill_000.mp4"))
-    landmarks = utils.FaceAnalyzer().analyze(frame)[0][1]
-    matrix = utils.align_matrix(landmarks, 64)
-    assert utils.matrix_scale(matrix) < 0.25
-    fine = matrix * 16
-    fine[:, 2] += 7.5  # 16 x 16 samples around each output pixel's centre
-    reference = cv2.resize(cv2.warpAffine(frame, fine, (1024, 1024), borderMode=cv2.BORDER_REPLICATE), (64, 64),
-                           interpolation=cv2.INTER_AREA).astype(float)
-
-    def rmse(face):
-        return np.sqrt(((face.astype(float) - reference) ** 2).mean())
-
-    assert rmse(utils.warp_face(frame, matrix, 64)) < 1.0
-    assert rmse(cv2.warpAffine(frame, matrix, (64, 64), flags=cv2.INTER_AREA)) > 5.0
