@@ -17,7 +17,6 @@ with the random warp and, for each budget, a branch that ends without it (as a r
     python benchmarks/bench_quality.py --pairs obama-andrew --recipes "try:--model lite128 --loss l1" --budgets 5
 """
 import argparse
-import csv
 import importlib.util
 import json
 import os
@@ -27,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import tutorial
-from common import ROOT, VIDEOS, require_data
+from common import ROOT, VIDEOS, log_rate, require_data
 
 import convert_video
 import crop_face
@@ -183,9 +181,9 @@ def calibrate(flags, faces, work, seconds, **on):
     steps = 10 + int(10 * seconds / (time.time() - start))
     shutil.rmtree(cal)
     check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, steps, no_warp_last=0, **on)))
-    rows = [float(r["samples_per_s"]) for r in csv.DictReader(open(cal / "log.csv"))]
+    rate = log_rate(cal)
     shutil.rmtree(cal)
-    return float(np.median(rows[2:] if len(rows) > 4 else rows[-1:]))  # the first rows hold the start-up
+    return rate
 
 
 def record_rate(path, name, flags, rate):

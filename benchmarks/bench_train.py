@@ -11,7 +11,6 @@ All on the same real faces (Obama / Andrew) in one run, batch 64+64 by default.
     python benchmarks/bench_train.py --before f253d8e --steps 200 --repeats 3   # train.py's default recipe, now vs then
 """
 import argparse
-import csv
 import itertools
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tutorial
-from common import ROOT, VIDEOS, checkout, report, require_data
+from common import ROOT, VIDEOS, checkout, log_rate, report, require_data
 
 import crop_face
 import crop_from_video
@@ -93,12 +92,11 @@ def precision_rates(steps, batch_size, frames, presets=("tiny", "lite128", "orig
 
 def recipe_rate(root, faces, model_dir, steps):
     """samples/s of `root`/train.py with its own defaults for `steps` steps, as a user runs it (a fresh process,
-    its batch-making worker included): the median of its log rows after the first two, which hold the start-up."""
+    its batch-making worker included), from its log."""
     subprocess.run([sys.executable, str(root / "train.py"), "--faces-a", str(faces[0]), "--faces-b", str(faces[1]),
                     "--model-dir", str(model_dir), "--iterations", str(steps), "--save-every", str(steps),
                     "--preview-every", str(steps)], check=True, capture_output=True)
-    rows = [float(r["samples_per_s"]) for r in csv.DictReader(open(model_dir / "log.csv"))]
-    return float(np.median(rows[2:]))
+    return log_rate(model_dir)
 
 
 def recipe_rates(before, steps, repeats, frames):

@@ -1,11 +1,14 @@
 """Shared bits of the benchmark scripts: where the real data is, timing, JSON output."""
 import contextlib
+import csv
 import json
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,6 +43,14 @@ def timed(fn, *args, **kwargs):
 def fastest(repeats, fn, *args):
     """Seconds of the fastest of `repeats` calls fn(k, *args) (k = 0, 1, ...): the machine's noise only slows."""
     return min(timed(fn, k, *args)[1] for k in range(repeats))
+
+
+def log_rate(model_dir):
+    """samples/s of a finished train.py run: the median of its log.csv rows after the first two, which hold
+    the start-up (the last row alone for a run too short to have more)."""
+    with open(Path(model_dir) / "log.csv", newline="") as f:
+        rows = [float(r["samples_per_s"]) for r in csv.DictReader(f)]
+    return float(np.median(rows[2:] if len(rows) > 4 else rows[-1:]))
 
 
 def peak_rss_mib():
