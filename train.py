@@ -86,6 +86,12 @@ def parse_args(argv=None):
                         "at the end, which sharpens the result (DeepFaceLab does this)")
     p.add_argument("--init", type=Path, default=None,
                    help="start a new model from this checkpoint's weights (a pretrained base of the same --model)")
+    p.add_argument("--init-parts", choices=["all", "encoder"], default="all",
+                   help="what --init copies: all (encoder and both decoders), or the encoder alone, so the new "
+                        "decoders learn only A's and B's faces (faceswap's way of starting from a base)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="keep the encoder's weights as --init gave them: only the decoders learn, and a step "
+                        "costs less (no gradient through the encoder)")
     p.add_argument("--pretrain", action="store_true",
                    help="train a base: both decoders learn every face of --faces-a and --faces-b (many people)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -372,10 +378,12 @@ def prepare(args, device, quiet):
     when one exists (resume)."""
     ckpt_path = args.model_dir / models.CHECKPOINT
     if not ckpt_path.exists():
+        if args.freeze_encoder and not args.init:
+            raise utils.UserError("--freeze-encoder keeps a pretrained encoder: give the base with --init")
         torch.manual_seed(args.seed)
         model = models.build_model(models.model_config(args.model))
         if args.init:
-            init_from(model, args.init, quiet)
+            init_from(model, args.init, quiet, args.init_parts)
         model.to(device).to(memory_format=torch.channels_last)
         return model, make_optimizer(model, args.lr), 0, math.inf, None
     if args.init and not quiet:
@@ -392,17 +400,21 @@ def prepare(args, device, quiet):
     return model, optimizer, ckpt["step"], ckpt.get("best_loss", math.inf), ckpt.get("identities")
 
 
-def init_from(model, path, quiet):
-    """Copy a pretrained base's weights into a new model of the same preset."""
+def init_from(model, path, quiet, parts="all"):
+    """Copy a pretrained base's weights (all, or the encoder's) into a new model of the same preset."""
     base = models.load_checkpoint(path)
     mine = {k: v for k, v in model.config.items() if k != "name"}
     theirs = {k: v for k, v in models.build_model(base["config"]).config.items() if k != "name"}
     if mine != theirs:
         raise utils.UserError(f"--init {path} holds a {base['config'].get('name')!r} model, not "
                               f"{model.config['name']!r}; pass the matching --model")
-    model.load_state_dict({k: v.float() for k, v in base["model"].items()})
+    weights = {k: v.float() for k, v in base["model"].items()}
+    if parts == "encoder":
+        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
+    else:
+        model.load_state_dict(weights)
     if not quiet:
-        print(f"starting from the weights of {path} (step {base['step']})")
+        print(f"starting from the {'encoder' if parts == 'encoder' else 'weights'} of {path} (step {base['step']})")
 
 
 def load_training_faces(folders, quiet, identity=False):
@@ -477,6 +489,7 @@ def run(args):
 def train(args, rank, world, device):
     main_rank = rank == 0
     model, optimizer, step, best_loss, identities = prepare(args, device, quiet=not main_rank)
+    model.encoder.requires_grad_(not args.freeze_encoder)  # frozen: Adam skips it, autograd stops at its output
     if args.iterations and step >= args.iterations:
         if main_rank:
             print(f"already at step {step} >= --iterations {args.iterations}; nothing to do")
@@ -495,7 +508,7 @@ def train(args, rank, world, device):
         print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
               f"{world} process(es) x {args.batch_size} faces per side; faces A {len(faces_a)}, B {len(faces_b)}")
-        if not step:
+        if not step and not args.init:
             print("starting from scratch")
         utils.write_json(args.model_dir / "train_settings.json",
                          dict(utils.settings_dict(args), world_size=world, start_step=step))

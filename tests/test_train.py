@@ -215,3 +215,27 @@ def test_pretrain_then_init_starts_a_new_pair_from_the_base(faces, tmp_path, cap
     assert code == 1 and "holds a 'tiny' model" in io.err and "Traceback" not in io.err
     pair = models.load_checkpoint(tmp_path / "pair" / models.CHECKPOINT)
     assert pair["step"] == 1 and all(torch.equal(base["model"][k], pair["model"][k]) for k in base["model"])
+
+
+def test_init_encoder_only_and_frozen_keeps_the_base_encoder(faces, tmp_path, capsys):
+    """--init-parts encoder copies the base's encoder only (fresh decoders); --freeze-encoder keeps it while the
+    decoders learn; freezing without a base is a one-line error."""
+    assert train.main(tiny_args(faces, tmp_path / "base", "--iterations", "2", "--pretrain")) == 0
+    base = models.load_checkpoint(tmp_path / "base" / models.CHECKPOINT)["model"]
+    init = ["--init", str(tmp_path / "base" / models.CHECKPOINT), "--init-parts", "encoder"]
+    assert train.main(tiny_args(faces, tmp_path / "free", "--iterations", "2", *init)) == 0
+    assert train.main(tiny_args(faces, tmp_path / "frozen", "--iterations", "2", "--freeze-encoder", *init)) == 0
+    assert "starting from the encoder of" in capsys.readouterr().out
+    free, frozen = weights(tmp_path / "free"), weights(tmp_path / "frozen")
+    for k in base:
+        if k.startswith("encoder."):
+            assert torch.equal(frozen[k], base[k]), k       # kept exactly
+            assert not torch.equal(free[k], base[k]), k     # learned from the base's values
+        else:
+            assert not torch.equal(frozen[k], base[k]) and not torch.equal(free[k], base[k]), k
+    torch.manual_seed(0)
+    fresh = models.build_model(models.model_config("tiny")).state_dict()
+    assert any(not torch.equal(frozen[k], fresh[k]) for k in fresh if k.startswith("decoder_b."))  # decoders learned
+    code, io = run_main(train.main, tiny_args(faces, tmp_path / "nobase", "--iterations", "1", "--freeze-encoder"),
+                        capsys)
+    assert code == 1 and "--freeze-encoder" in io.err and "Traceback" not in io.err
