@@ -53,6 +53,12 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the same from a base (make it first: benchmarks/make_base.py --model tiny; it leaves out the benchmark's people)
     "tiny_masked_base": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2 "
                         f"--init {ROOT / 'base' / 'tiny_base.pt'}",
+    # the base's encoder only, new decoders (faceswap's way): they learn only A's and B's faces
+    "tiny_masked_encoder": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2 "
+                           f"--init {ROOT / 'base' / 'tiny_base.pt'} --init-parts encoder",
+    # the same with the encoder kept fixed: only the decoders learn, a cheaper step
+    "tiny_masked_frozen": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2 "
+                          f"--init {ROOT / 'base' / 'tiny_base.pt'} --init-parts encoder --freeze-encoder",
     # the 128 px preset with the same recipe (5x the compute per sample)
     "lite128": "--model lite128 --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
     # the default before them (demo.py on a CPU): the tiny model, L1
