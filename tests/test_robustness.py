@@ -250,8 +250,11 @@ def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
                              "--faces-dir", str(tmp_path / "faces"), "--workers", "2", "--redetect-every", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=interruptible)
-    # a task has come back (two workers hold at most two), and more than 280 frames are left (~3 s)
-    while len(list((tmp_path / "faces").glob("*.png"))) < 2 * crop_face.chunk_size(600, 2) + 8:
+    # the main process has recorded finished frames (alignments.json, saved every SAVE_SECONDS), and frames are
+    # left: faces on disk alone do not say so (imap hands results over in task order, and a worker may be ahead)
+    record = tmp_path / "faces" / utils.ALIGNMENTS_NAME
+    while not (record.is_file() and utils.read_json(record).get("frames")):
+        assert proc.poll() is None, "crop_face finished before its record was first saved"
         time.sleep(0.02)
     status = Path(f"/proc/{proc.pid}/status")
     signals = [line for line in status.read_text().splitlines() if line.startswith("Sig")] if status.exists() else []
