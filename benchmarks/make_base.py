@@ -5,14 +5,23 @@ Andrew Ng, the MEAD actors, Ocasio-Cortez, Katie Hill), so that benchmark measur
 never seen, and except the MEAD clips, whose licence is research-only. Both decoders learn every face
 (train.py --pretrain); the result, weights only in half precision, is written to --out with a model card.
 
-    python benchmarks/make_base.py --model tiny --iterations 0 --minutes 25     # base/tiny_base.pt
+    python benchmarks/make_base.py --model tiny --iterations 0 --minutes 25     # base/tiny_base.pt, on this CPU
     python benchmarks/make_base.py --model lite128 --iterations 6000           # base/lite128_base.pt
+
+The GPU base that README's "Quality" measures is this recipe on one H100 (that machine had no dlib or PyAV, so
+the faces were extracted here and sent as JPEG, quality 90, and train.py was run there on them):
+
+    python benchmarks/make_base.py --model tiny --iterations 0 --minutes 6.5 --batch-size 64 --per-clip 300 \
+        --device cuda --workers 8
 """
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 from common import ROOT, VIDEOS, require_data
 
 import crop_face
@@ -30,21 +39,32 @@ BASE_CLIPS = {  # clip -> its source and licence, for the model card
     "dlib_elon-musk-smoke.gif": "davisking/dlib, BSL-1.0 (media third-party)",
     "facerec_short_hamilton_clip.mp4": "ageitgey/face_recognition, MIT (code licence; clip third-party)",
 }
-RECIPE = ["--loss", "masked", "--batch-size", "16", "--lr", "2e-4", "--warmup", "200",
+RECIPE = ["--loss", "masked", "--lr", "2e-4", "--warmup", "200",
           "--no-warp-last", "0"]  # warped to the end: a base should generalise, not settle on these faces
 
 
-def extract(work):
+def extract(work, per_clip=0):
+    """Each clip's aligned faces; with per_clip, at most that many of each, evenly spaced (long clips are
+    mostly near-repeats), linked into faces_<per_clip>/ with their alignments."""
     folders = []
     for clip in BASE_CLIPS:
         frames, faces = work / "frames" / Path(clip).stem, work / "faces" / Path(clip).stem
         crop_from_video.main(["--video-path", str(VIDEOS / clip), "--save-dir", str(frames)])
         crop_face.main(["--images-dir", str(frames), "--faces-dir", str(faces), "--all-faces"])
+        if per_clip:
+            picked = work / f"faces_{per_clip}" / faces.name
+            shutil.rmtree(picked, ignore_errors=True)
+            picked.mkdir(parents=True)
+            paths = utils.list_images(faces)
+            for i in np.unique(np.linspace(0, len(paths) - 1, min(per_clip, len(paths))).astype(int)):
+                os.link(paths[i], picked / paths[i].name)
+            shutil.copy(faces / utils.ALIGNMENTS_NAME, picked)
+            faces = picked
         folders.append(faces)
     return folders
 
 
-def export(model_dir, out, budget, model):
+def export(model_dir, out, budget, model, folders, where="a 2-core CPU", batch=16):
     """Weights only, in half precision (a base needs no optimizer state), with a model card beside it."""
     ckpt = models.load_checkpoint(model_dir / models.CHECKPOINT)
     state = dict(model={k: v.half() for k, v in ckpt["model"].items()}, config=ckpt["config"], step=ckpt["step"],
@@ -52,10 +72,11 @@ def export(model_dir, out, budget, model):
     out.parent.mkdir(parents=True, exist_ok=True)
     train.save_checkpoint(out.parent, state, is_best=False)
     (out.parent / models.CHECKPOINT).replace(out)
-    faces = sum(len(utils.list_images(p)) for p in (model_dir.parent / "faces").iterdir())
+    faces = sum(len(utils.list_images(p)) for p in folders)
     card = [f"# {out.name}: a pretrained base for the `{model}` preset", "",
             f"Trained with `python benchmarks/make_base.py {budget}` "
-            f"(train.py --pretrain --model {model} {' '.join(RECIPE)}) for {ckpt['step']} steps of 16 + 16 faces on a 2-core CPU.",
+            f"(train.py --pretrain --model {model} {' '.join(RECIPE)}) for {ckpt['step']} steps of "
+            f"{batch} + {batch} faces on {where}.",
             f"Start a new pair from it with `train.py --model {model} --init base/{out.name}` "
             "(or `demo.py --init auto`).", "",
             f"Data: {faces} aligned faces of {len(BASE_CLIPS)} clips of ../shared/data (about 20 people); none "
@@ -75,17 +96,23 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=ROOT / "bench_out" / "base", help="frames, faces and the run")
     p.add_argument("--model", default="tiny", help="the preset (train.py's --model)")
     p.add_argument("--out", type=Path, default=None, help="the exported base (default base/<model>_base.pt)")
+    p.add_argument("--batch-size", type=int, default=16, help="faces per side per step")
+    p.add_argument("--per-clip", type=int, default=0, help="at most this many faces of each clip (0 = all)")
+    p.add_argument("--device", default="auto", help="where to train (train.py's --device)")
+    p.add_argument("--workers", type=int, default=1, help="train.py's batch-making processes")
     a = p.parse_args(argv)
     require_data()
-    folders = extract(a.work)
+    folders = extract(a.work, a.per_clip)
     model_dir, out = a.work / f"model_{a.model}", a.out or ROOT / "base" / f"{a.model}_base.pt"
     half = len(folders) // 2  # --pretrain pools both sides: every face is drawn for both decoders
     train.main(["--faces-a", *map(str, folders[:half]), "--faces-b", *map(str, folders[half:]), "--pretrain",
                 "--model-dir", str(model_dir), "--iterations", str(a.iterations), "--minutes", str(a.minutes),
-                "--save-every", "250",
-                "--preview-every", "250", "--model", a.model, *RECIPE])
-    budget = f"--model {a.model} --iterations {a.iterations}" + (f" --minutes {a.minutes:g}" if a.minutes else "")
-    export(model_dir, out, budget, a.model)
+                "--save-every", "250", "--preview-every", "250", "--model", a.model, "--batch-size", str(a.batch_size),
+                "--device", a.device, "--workers", str(a.workers), *RECIPE])
+    budget = " ".join(argv if argv is not None else sys.argv[1:])
+    device = utils.pick_device(a.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "a CPU"
+    export(model_dir, out, budget, a.model, folders, where, a.batch_size)
     shutil.rmtree(a.work / "frames", ignore_errors=True)
 
 
