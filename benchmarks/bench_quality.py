@@ -47,18 +47,17 @@ PAIRS = {  # A's clips, B's clips, A's and B's names in the gallery
     "hdtf": (["sadtalker_WDA_AlexandriaOcasioCortez_000.mp4"], ["sadtalker_WDA_KatieHill_000.mp4"],
              "ocasio_cortez", "katie_hill"),
 }
+TINY_MASKED = "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2"
+FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
     # train.py's default: the tiny model (64 px) with the masked loss, warm-up, no warp at the end
-    "tiny_masked": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
-    # the same from a base (make it first: benchmarks/make_base.py --model tiny; it leaves out the benchmark's people)
-    "tiny_masked_base": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2 "
-                        f"--init {ROOT / 'base' / 'tiny_base.pt'}",
+    "tiny_masked": TINY_MASKED,
+    # the same from a base (it leaves out the benchmark's people)
+    "tiny_masked_base": f"{TINY_MASKED} {FROM_BASE}",
     # the base's encoder only, new decoders (faceswap's way): they learn only A's and B's faces
-    "tiny_masked_encoder": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2 "
-                           f"--init {ROOT / 'base' / 'tiny_base.pt'} --init-parts encoder",
+    "tiny_masked_encoder": f"{TINY_MASKED} {FROM_BASE} --init-parts encoder",
     # the same with the encoder kept fixed: only the decoders learn, a cheaper step
-    "tiny_masked_frozen": "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2 "
-                          f"--init {ROOT / 'base' / 'tiny_base.pt'} --init-parts encoder --freeze-encoder",
+    "tiny_masked_frozen": f"{TINY_MASKED} {FROM_BASE} --init-parts encoder --freeze-encoder",
     # the 128 px preset with the same recipe (5x the compute per sample)
     "lite128": "--model lite128 --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
     # the default before them (demo.py on a CPU): the tiny model, L1
