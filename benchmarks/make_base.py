@@ -64,7 +64,7 @@ def extract(work, per_clip=0):
     return folders
 
 
-def export(model_dir, out, budget, model, folders, where="a 2-core CPU", batch=16):
+def export(model_dir, out, budget, model, folders, where, batch):
     """Weights only, in half precision (a base needs no optimizer state), with a model card beside it."""
     ckpt = models.load_checkpoint(model_dir / models.CHECKPOINT)
     state = dict(model={k: v.half() for k, v in ckpt["model"].items()}, config=ckpt["config"], step=ckpt["step"],
