@@ -55,6 +55,7 @@ LEARNING_RATE = 2e-4
 WARMUP = 100                          # steps of linear learning-rate warm-up
 LOSS = "masked"                       # masked (DSSIM + MSE in the face, eyes and mouth weighted), l1, ssim+l1
 NO_WARP_LAST = 0.2                    # share of the run at the end without random warp
+LR_FINAL = 1.0                        # the learning rate at the end, a share of LEARNING_RATE (1 = no decay)
 SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
@@ -84,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--no-warp-last", type=float, default=NO_WARP_LAST,
                    help="share of the run (of --iterations, or of --minutes) trained without the random warp "
                         "at the end, which sharpens the result (DeepFaceLab does this)")
+    p.add_argument("--lr-final", type=share, default=LR_FINAL,
+                   help="the learning rate at the end of the run, as a share of --lr: it falls linearly to it over "
+                        "that end without warp (1 = no decay)")
     p.add_argument("--init", type=Path, default=None,
                    help="start a new model from this checkpoint's weights (a pretrained base of the same --model)")
     p.add_argument("--init-parts", choices=["all", "encoder"], default="all",
@@ -105,6 +109,17 @@ def parse_args(argv=None):
                    help="DataLoader processes preparing batches (0 = in the main process)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the batches")
     return p.parse_args(argv)
+
+
+def share(text):
+    """argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------- data
@@ -473,8 +488,27 @@ def cut_log(path, step):
         utils.write_bytes_atomic(path, buffer.getvalue().encode())
 
 
-def learning_rate(args, step):
-    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+def learning_rate(args, step, tail=None):
+    """--lr after the warm-up; over `tail` (the first and last step of the end without warp) it falls linearly
+    to --lr-final of it."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+    if tail is None or step < tail[0]:
+        return lr
+    done = min(1.0, (step + 1 - tail[0]) / max(1, tail[1] - tail[0]))  # --lr-final at the last step
+    return lr * (1 - (1 - args.lr_final) * done)
+
+
+def decay_tail(args, warp_from, run_start):
+    """The steps over which the learning rate falls to --lr-final: from `warp_from` (where the warp stops) to
+    --iterations, or with --minutes alone, for the share of this run's steps that --no-warp-last gives the
+    end (the steps made before it stand for the rest), the same on every rank. None: no decay."""
+    if warp_from is None or args.lr_final == 1:
+        return None
+    if args.iterations:
+        return warp_from, args.iterations
+    if args.no_warp_last >= 1:
+        return None  # the whole run without warp, its length unknown
+    return warp_from, warp_from + round((warp_from - run_start) * args.no_warp_last / (1 - args.no_warp_last))
 
 
 def run(args):
@@ -504,6 +538,7 @@ def train(args, rank, world, device):
     size = model.input_size
     view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
     dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank, warp_until(args, step))
+    tail = decay_tail(args, dataset.warp_until, step)
     if main_rank:
         print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
@@ -524,7 +559,7 @@ def train(args, rank, world, device):
     window = []  # losses since the last checkpoint, for the best-checkpoint backup
     saved_step = step
     start_time = tick = time.time()
-    tick_step = step
+    tick_step = run_start = step
     stop_reason = "iterations reached"
     bar = tqdm(total=args.iterations or None, initial=step, unit="step", disable=not main_rank, dynamic_ncols=True)
     cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
@@ -533,7 +568,7 @@ def train(args, rank, world, device):
         while True:
             batch = next(batches)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, step)
+                group["lr"] = learning_rate(args, step, tail)
             try:
                 loss_a, loss_b = train_step(net, optimizer, batch, loss_fn, device, dtype, scaler)
             except torch.OutOfMemoryError:
@@ -563,6 +598,7 @@ def train(args, rank, world, device):
             if (dataset.warp_until is None and args.minutes and args.no_warp_last > 0
                     and any_rank(elapsed >= (1 - args.no_warp_last) * args.minutes * 60, world)):
                 dataset.warp_until = step  # the rest of this run without random warp
+                tail = decay_tail(args, step, run_start)
                 batches = iter(batch_loader(dataset, step, args.workers))
             if step % args.save_every == 0 or done or out_of_time:
                 best_loss, is_best = mean_loss_improved(window, best_loss)

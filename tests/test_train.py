@@ -67,6 +67,38 @@ def test_resume_continues_exactly(faces, tmp_path, monkeypatch):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def test_lr_falls_to_lr_final_over_the_end_without_warp(faces, tmp_path, monkeypatch, capsys):
+    """--lr-final: constant --lr while the warp is on, then linearly down to lr x lr-final at the last step; the
+    same rates when the run is stopped in its end and resumed."""
+    seen, stop_at = [], []
+    real_step = train.train_step
+
+    def record(net, optimizer, *args):
+        seen.append(optimizer.param_groups[0]["lr"])
+        if len(seen) in stop_at:
+            raise KeyboardInterrupt  # Ctrl-C in the end without warp: saves 5 steps
+        return real_step(net, optimizer, *args)
+
+    monkeypatch.setattr(train, "train_step", record)
+    flags = ["--warmup", "0", "--lr", "1e-3", "--lr-final", "0.1", "--no-warp-last", "0.5"]
+    train.main(tiny_args(faces, tmp_path / "once", *flags, "--iterations", "8"))
+    assert seen == pytest.approx([1e-3] * 4 + [1e-3 * (1 - 0.9 * k / 4) for k in (1, 2, 3, 4)])
+    once, seen[:] = list(seen), []
+    stop_at.append(6)
+    train.main(tiny_args(faces, tmp_path / "twice", *flags, "--iterations", "8"))
+    assert models.load_checkpoint(tmp_path / "twice" / models.CHECKPOINT)["step"] == 5
+    stop_at.clear()
+    train.main(tiny_args(faces, tmp_path / "twice", *flags, "--iterations", "8"))
+    assert seen == once[:6] + once[5:]
+    # with --minutes alone the end's length is its share of the steps made before it
+    args = train.parse_args(["--no-warp-last", "0.2", "--lr-final", "0.5", "--iterations", "0", "--minutes", "3"])
+    assert train.decay_tail(args, 80, 0) == (80, 100) and train.decay_tail(args, 130, 50) == (130, 150)
+    assert train.decay_tail(train.parse_args(["--no-warp-last", "0.2"]), 80, 0) is None  # --lr-final 1: none
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--lr-final", "1.5"])
+    assert e.value.code == 2 and "--lr-final: must be a number from 0 to 1" in capsys.readouterr().err
+
+
 def test_already_done_is_a_no_op(faces, tmp_path, capsys):
     train.main(tiny_args(faces, tmp_path, "--iterations", "1"))
     before = (tmp_path / models.CHECKPOINT).read_bytes()
