@@ -11,12 +11,15 @@ Budgets are turned into step counts with each recipe's throughput (samples/s) me
 the run on this machine, so the curve is what an idle machine of this kind gives in those minutes and
 does not depend on what else runs while the benchmark trains. Recipes with --no-warp-last train a trunk
 with the random warp and, for each budget, a branch that ends without it (as a run of that length would).
+Recipes that differ only in flags acting in that end (TAIL_FLAGS, e.g. --lr-final) share their speed and
+their trunk (kept at each budget's step in <out>/<pair>/trunks/), so each of them trains only its ends.
 
     python benchmarks/bench_quality.py --pairs obama-andrew mead hdtf --recipes tiny_masked_base default tutorial \\
         --budgets 5 15 30 60 --out bench_out/quality
     python benchmarks/bench_quality.py --pairs obama-andrew --recipes "try:--model lite128 --loss l1" --budgets 5
 """
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -58,6 +61,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny_masked_encoder": f"{TINY_MASKED} {FROM_BASE} --init-parts encoder",
     # the same with the encoder kept fixed: only the decoders learn, a cheaper step
     "tiny_masked_frozen": f"{TINY_MASKED} {FROM_BASE} --init-parts encoder --freeze-encoder",
+    # the default with the learning rate falling to a tenth over the end without warp (shares its trunk)
+    "tiny_masked_decay": f"{TINY_MASKED} --lr-final 0.1",
     # the 128 px preset with the same recipe (5x the compute per sample)
     "lite128": "--model lite128 --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
     # the default before them (demo.py on a CPU): the tiny model, L1
@@ -65,6 +70,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the tutorial's recipe exactly: original model, L1, its two Adam optimizers, fp32, batch 64
     "tutorial": "tutorial",
 }
+# train.py flags that act only in the end without warp: recipes that differ only in them share one speed and one
+# trunk, and each trains only its own end
+TAIL_FLAGS = ("--lr-final",)
 HOLDOUT = 0.15
 TUTORIAL_SAVE_EVERY = 40  # the tutorial's steps between saves of its trunk (~8 minutes here)
 
@@ -165,6 +173,40 @@ def strip(flags, name):
     return flags[:i] + flags[i + 2:]
 
 
+def trunk_flags(flags):
+    """A recipe's flags without those that act only in its end without warp (TAIL_FLAGS)."""
+    if flags == "tutorial":
+        return flags
+    for name in TAIL_FLAGS:
+        flags = strip(flags, name)
+    return flags
+
+
+def shared_trunk(pair_dir, flags, step):
+    """Where the trunk of every recipe with these trunk flags is kept at `step`: one recipe trains it, the others
+    start their ends from a copy."""
+    key = hashlib.sha1(" ".join(trunk_flags(flags)).encode()).hexdigest()[:12]
+    return pair_dir / "trunks" / key / str(step)
+
+
+def train_trunk(flags, faces, trunk, start, pair_dir, **on):
+    """Bring this recipe's trunk (with the warp) to step `start`: from a kept copy if a recipe with the same trunk
+    flags made one, else by training, keeping a copy of the result."""
+    kept = shared_trunk(pair_dir, flags, start)
+    path = trunk / models.CHECKPOINT
+    if kept.is_dir() and (not path.is_file() or models.load_checkpoint(path)["step"] < start):
+        shutil.rmtree(trunk, ignore_errors=True)
+        shutil.copytree(kept, trunk)
+        print(f"trunk at step {start} copied from {kept}", flush=True)
+        return
+    check(train.main(train_flags(flags, faces, trunk, start, no_warp_last=0, **on)))
+    if not kept.is_dir() and models.load_checkpoint(path)["step"] == start:
+        tmp = kept.with_name(kept.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(trunk, tmp)
+        tmp.rename(kept)
+
+
 def on_device(args):
     return dict(device=args.device, workers=args.workers)
 
@@ -191,27 +233,37 @@ def calibrate(flags, faces, work, seconds, **on):
     return rate
 
 
-def record_rate(path, name, flags, rate):
-    """Add a recipe's measured samples/s to a rates file (re-read first: other runs may have added theirs)."""
+def record_rate(path, name, flags, rate, same_as=None):
+    """Add a recipe's measured samples/s (or `same_as` another's) to a rates file (re-read first: other runs may
+    have added theirs)."""
     rates = utils.read_json(path) if path.is_file() else {}
     rates[name] = dict(samples_per_s=round(rate, 3), flags=flags, measured=time.strftime("%Y-%m-%d %H:%M"))
+    if same_as:
+        rates[name]["same_as"] = same_as
     utils.write_json(path, rates)
     return rates
 
 
 def recipe_rate(name, flags, faces, args):
-    """A recipe's samples/s, measured once per output folder (out/rates.json) and reused for every pair."""
+    """A recipe's samples/s, measured once per output folder (out/rates.json) and reused for every pair; a recipe
+    that differs from a measured one only in its end (TAIL_FLAGS) is given that one's speed, so that both make the
+    same steps and share their trunk."""
     path = args.out / "rates.json"
     rates = utils.read_json(path) if path.is_file() else {}
     if rates.get(name, {}).get("flags") != flags:
-        if args.device != "cpu":
+        same = [(other, r) for other, r in rates.items()
+                if flags != "tutorial" and r["flags"] != "tutorial" and trunk_flags(r["flags"]) == trunk_flags(flags)]
+        if same:
+            rates = record_rate(path, name, flags, same[0][1]["samples_per_s"], same_as=same[0][0])
+        elif args.device != "cpu":
             raise SystemExit(f"no CPU speed of recipe {name} in {path}: measure it on the CPU first "
                              "(--calibrate-only), then train elsewhere with that file")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)  # the speed of an idle machine, whatever --threads says
-        rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds)
-        torch.set_num_threads(threads)
-        rates = record_rate(path, name, flags, rate)
+        else:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(os.cpu_count() or 1)  # the speed of an idle machine, whatever --threads says
+            rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds)
+            torch.set_num_threads(threads)
+            rates = record_rate(path, name, flags, rate)
     return rates[name]["samples_per_s"]
 
 
@@ -277,7 +329,7 @@ def run_recipe(pair, spec, args, gallery):
             no_warp = flag(flags, "--no-warp-last", 0.0)
             if no_warp > 0:  # trunk with warp to where this budget's no-warp end begins, then a branch
                 start = round((1 - no_warp) * steps)
-                check(train.main(train_flags(flags, faces, trunk, start, no_warp_last=0, **on)))
+                train_trunk(flags, faces, trunk, start, args.out / pair, **on)
                 model_dir = work / "branch"
                 shutil.rmtree(model_dir, ignore_errors=True)
                 shutil.copytree(trunk, model_dir)
