@@ -73,6 +73,7 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
 # train.py flags that act only in the end without warp: recipes that differ only in them share one speed and one
 # trunk, and each trains only its own end
 TAIL_FLAGS = ("--lr-final",)
+TRUNK_FILES = (models.CHECKPOINT, "log.csv")  # what a kept trunk needs to go on from (60 MB for tiny)
 HOLDOUT = 0.15
 TUTORIAL_SAVE_EVERY = 40  # the tutorial's steps between saves of its trunk (~8 minutes here)
 
@@ -203,7 +204,7 @@ def train_trunk(flags, faces, trunk, start, pair_dir, **on):
     if not kept.is_dir() and models.load_checkpoint(path)["step"] == start:
         tmp = kept.with_name(kept.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(trunk, tmp)
+        shutil.copytree(trunk, tmp, ignore=lambda folder, names: [n for n in names if n not in TRUNK_FILES])
         tmp.rename(kept)
 
 
