@@ -89,7 +89,7 @@ def parse_args(argv=None):
                    help="unsharp mask on the swapped face, at the scale the model's face is enlarged by: an amount "
                         "(e.g. 0.5; 0 = off), or auto: as much as brings the face's fine detail up to that of the "
                         f"face it replaces in this video (at most {AUTO_SHARPEN_MAX:g})")
-    p.add_argument("--detail", type=amount_at_least_0, default=DETAIL,
+    p.add_argument("--detail", type=utils.non_negative_number, default=DETAIL,
                    help="keep this share of the replaced face's own texture (skin and grain finer than the model "
                         "draws, limited in amplitude so that its edges do not carry over) on the swapped face "
                         "(0 = off)")
@@ -115,18 +115,7 @@ def parse_args(argv=None):
 
 def sharpen_amount(text):
     """--sharpen: 'auto' or an amount >= 0."""
-    return text if text == "auto" else amount_at_least_0(text, "'auto' or ")
-
-
-def amount_at_least_0(text, also=""):
-    """argparse type: a number >= 0."""
-    try:
-        amount = float(text)
-    except ValueError:
-        amount = -1
-    if not amount >= 0:
-        raise argparse.ArgumentTypeError(f"must be {also}a number >= 0, got {text!r}")
-    return amount
+    return text if text == "auto" else utils.non_negative_number(text, "'auto' or ")
 
 
 # ---------------------------------------------------------------- the swap

@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--no-warp-last", type=float, default=NO_WARP_LAST,
                    help="share of the run (of --iterations, or of --minutes) trained without the random warp "
                         "at the end, which sharpens the result (DeepFaceLab does this)")
-    p.add_argument("--lr-final", type=share, default=LR_FINAL,
+    p.add_argument("--lr-final", type=utils.share, default=LR_FINAL,
                    help="the learning rate at the end of the run, as a share of --lr: it falls linearly to it over "
                         "that end without warp (1 = no decay)")
     p.add_argument("--init", type=Path, default=None,
@@ -109,17 +109,6 @@ def parse_args(argv=None):
                    help="DataLoader processes preparing batches (0 = in the main process)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the batches")
     return p.parse_args(argv)
-
-
-def share(text):
-    """argparse type: a number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
-    return value
 
 
 # ---------------------------------------------------------------- data

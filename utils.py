@@ -193,6 +193,29 @@ def non_negative_int(text):
     return _int_at_least(text, 0)
 
 
+def non_negative_number(text, also=""):
+    """argparse type: a number >= 0 (`also`: what else the flag takes, for the message, e.g. "'auto' or ")."""
+    return _number_in(text, 0, None, also)
+
+
+def share(text):
+    """argparse type: a number from 0 to 1."""
+    return _number_in(text, 0, 1)
+
+
+def _number_in(text, low, high=None, also=""):
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (low <= value and (high is None or value <= high)):
+        bound = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
+        raise argparse.ArgumentTypeError(f"must be {also}a number {bound}, got {text!r}")
+    return value
+
+
 def _int_at_least(text, low):
     import argparse
 
