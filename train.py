@@ -47,7 +47,7 @@ FACES_B = Path("train/personB_face")  # aligned faces of person B
 MODEL_DIR = Path("models")            # checkpoints, preview, log
 # The recipe measured best per CPU minute (README, benchmarks/bench_quality.py). The tutorial's own:
 # --model original --loss l1 --batch-size 64 --lr 5e-5 --warmup 0 --no-warp-last 0
-MODEL = "tiny"                        # a preset of models.MODEL_CONFIGS (lite128: 128 px, ~5x the compute)
+MODEL = "tiny"                        # a preset of models.MODEL_CONFIGS (tiny128, lite128: 128 px, ~2x, ~4x the time)
 BATCH_SIZE = 16                       # faces per side per step (per process under torchrun)
 ITERATIONS = 100_000                  # total steps to reach (0 = until --minutes or Ctrl-C)
 MINUTES = 0.0                         # stop after this many minutes of this run (0 = no limit)

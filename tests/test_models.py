@@ -47,3 +47,19 @@ def test_unknown_config():
         models.model_config("huge")
     with pytest.raises(ValueError):
         models.FaceSwapModel(input_size=96)
+
+
+def test_encoder_on_a_smaller_face():
+    """tiny128: the encoder sees the face averaged down to 64 px, the decoders draw 128 px."""
+    model = models.build_model(models.model_config("tiny128"))
+    small = models.build_model(dict(models.model_config("tiny128"), encoder_size=None, input_size=64,
+                                    decoder_channels=(64, 32, 16)))
+    small.encoder.load_state_dict(model.encoder.state_dict())
+    x = torch.rand(2, 3, 128, 128)
+    assert torch.allclose(model.encoder(x), small.encoder(torch.nn.functional.avg_pool2d(x, 2)), atol=1e-6)
+    assert model(x, "b").shape == (2, 3, 128, 128)
+    old = {k: v for k, v in models.model_config("tiny").items() if k != "encoder_size"}  # a checkpoint before it
+    assert models.build_model(old).config == models.build_model(models.model_config("tiny")).config
+    for bad in (96, 256):
+        with pytest.raises(ValueError, match="encoder_size"):
+            models.FaceSwapModel(input_size=128, encoder_size=bad, decoder_channels=(64, 32, 16, 16))
