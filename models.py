@@ -73,10 +73,10 @@ class ResidualBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, input_size, encoder_channels, latent_dim, encoder_size=None):
+    def __init__(self, input_size, encoder_channels, latent_dim, encoder_size):
         super().__init__()
-        self.pool = input_size // (encoder_size or input_size)  # the face is averaged down by this first
-        input_size //= self.pool
+        self.pool = input_size // encoder_size  # the face is averaged down by this first
+        input_size = encoder_size
         widths = (3, *encoder_channels)
         self.convs = nn.Sequential(*[ConvBlock(a, b) for a, b in zip(widths, widths[1:])])
         top = encoder_channels[-1]
