@@ -17,6 +17,7 @@ Example:
     python demo.py --video-a me.mp4 --video-b friend.mp4 --minutes 60
 """
 import argparse
+import sys
 from pathlib import Path
 
 import convert_video
@@ -133,10 +134,12 @@ def run(args):
     init = base_for(args.init, model)
     print(f"\n== training ({model} model, {args.minutes:g} minutes, "
           f"{'from the base ' + str(init) if init else 'from scratch'})")
-    train.main(["--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
-                "--model-dir", str(out / "model"), "--model", model, "--minutes", str(args.minutes),
-                "--iterations", "0", "--save-every", "100", "--preview-every", "100"]
-               + (["--init", str(init)] if init else []))
+    if train.main(["--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
+                   "--model-dir", str(out / "model"), "--model", model, "--minutes", str(args.minutes),
+                   "--iterations", "0", "--save-every", "100", "--preview-every", "100"]
+                  + (["--init", str(init)] if init else [])):
+        print("interrupted (run demo.py again to go on training from the saved checkpoint)", file=sys.stderr)
+        return 130
     print("\n== converting A's video with B's face")
     convert_video.main(["--video-path", str(args.video_a), "--model-dir", str(out / "model"),
                         "--output-path", str(out / "swapped.mp4"), "--overwrite"])

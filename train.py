@@ -11,7 +11,7 @@ Writes to MODEL_DIR:
     log.csv              step, losses, samples/s
     train_settings.json  the settings of the last run
 Running again resumes from checkpoint.pt; --iterations is the total step count
-to reach. Ctrl-C saves and stops. Batches are a pure function of (seed, step,
+to reach. Ctrl-C saves and stops (exit code 130). Batches are a pure function of (seed, step,
 rank), so a resumed run continues exactly as an uninterrupted one.
 
 Example (the CPU recipe, one hour):
@@ -549,7 +549,7 @@ def train(args, rank, world, device):
     saved_step = step
     start_time = tick = time.time()
     tick_step = run_start = step
-    stop_reason = "iterations reached"
+    stop_reason, interrupted = "iterations reached", False
     bar = tqdm(total=args.iterations or None, initial=step, unit="step", disable=not main_rank, dynamic_ncols=True)
     cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
     try:
@@ -599,7 +599,7 @@ def train(args, rank, world, device):
                 stop_reason = stop_reason if done else f"{args.minutes:g} minutes reached"
                 break
     except KeyboardInterrupt:
-        stop_reason = "interrupted (Ctrl-C)"
+        stop_reason, interrupted = "interrupted (Ctrl-C)", True
         best_loss, is_best = mean_loss_improved(window, best_loss)
         if main_rank:
             save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed, identities),
@@ -613,7 +613,9 @@ def train(args, rank, world, device):
         save_preview(args.model_dir / "preview.png", model, view_a, view_b, device)
         print(f"stopped at step {step}: {stop_reason}; checkpoint saved to {args.model_dir / models.CHECKPOINT}, "
               f"preview {args.model_dir / 'preview.png'}")
-    return 0
+    # saved, but not done: 130 as for any Ctrl-C, so that `train.py && convert_video.py`, demo.py and the
+    # benchmarks stop instead of going on with a half-trained model
+    return 130 if interrupted else 0
 
 
 def main(argv=None):

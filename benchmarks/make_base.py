@@ -105,10 +105,12 @@ def main(argv=None):
     folders = extract(a.work, a.per_clip)
     model_dir, out = a.work / f"model_{a.model}", a.out or ROOT / "base" / f"{a.model}_base.pt"
     half = len(folders) // 2  # --pretrain pools both sides: every face is drawn for both decoders
-    train.main(["--faces-a", *map(str, folders[:half]), "--faces-b", *map(str, folders[half:]), "--pretrain",
-                "--model-dir", str(model_dir), "--iterations", str(a.iterations), "--minutes", str(a.minutes),
-                "--save-every", "250", "--preview-every", "250", "--model", a.model, "--batch-size", str(a.batch_size),
-                "--device", a.device, "--workers", str(a.workers), *RECIPE])
+    code = train.main(["--faces-a", *map(str, folders[:half]), "--faces-b", *map(str, folders[half:]), "--pretrain",
+                       "--model-dir", str(model_dir), "--iterations", str(a.iterations), "--minutes", str(a.minutes),
+                       "--save-every", "250", "--preview-every", "250", "--model", a.model,
+                       "--batch-size", str(a.batch_size), "--device", a.device, "--workers", str(a.workers), *RECIPE])
+    if code:  # interrupted: the card would describe a budget the base did not get; run again to go on
+        return code
     budget = " ".join(argv if argv is not None else sys.argv[1:])
     device = utils.pick_device(a.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "a CPU"

@@ -4,7 +4,10 @@ import json
 import pytest
 from conftest import ANDREW, OBAMA, need_data
 
+import convert_video
 import demo
+import models
+import train
 import utils
 
 
@@ -14,9 +17,29 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     # a gallery of three of the shared people (the whole one takes minutes to embed; test_evaluate covers it)
     monkeypatch.setattr(demo, "SHARED_GALLERY", {k: demo.SHARED_GALLERY[k] for k in ("obama", "andrew_ng", "biden")})
-    assert demo.main(["--video-a", str(OBAMA), "--video-b", str(ANDREW), "--out-dir", str(out),
-                      "--minutes", "0.05", "--max-frames", "40", "--eval-every", "30"]) == 0
+    flags = ["--video-a", str(OBAMA), "--video-b", str(ANDREW), "--out-dir", str(out), "--max-frames", "40",
+             "--eval-every", "30"]
+    # Ctrl-C while training: the checkpoint is saved and the demo stops there (exit 130), converting nothing
+    real_step, real_convert, calls = train.train_step, convert_video.main, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    monkeypatch.setattr(convert_video, "main", lambda *a: pytest.fail("converted after Ctrl-C"))
+    assert demo.main(flags + ["--minutes", "1"]) == 130
+    assert models.load_checkpoint(out / "model" / models.CHECKPOINT)["step"] == 2
+    assert "run demo.py again" in capsys.readouterr().err and not (out / "swapped.mp4").exists()
+    # run again: training goes on from the saved step, then the rest
+    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(convert_video, "main", real_convert)
+    assert demo.main(flags + ["--minutes", "0.05"]) == 0
+    assert models.load_checkpoint(out / "model" / models.CHECKPOINT)["step"] > 2
     printed = capsys.readouterr().out
+    assert "resuming at step 2" in printed
     for path in ("model/checkpoint.pt", "model/preview.png", "swapped.mp4", "evaluation.json", "contact_sheet.png"):
         assert (out / path).is_file(), path
         assert str(out / path.split("/")[0]) in printed
