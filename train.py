@@ -56,6 +56,7 @@ WARMUP = 100                          # steps of linear learning-rate warm-up
 LOSS = "masked"                       # masked (DSSIM + MSE in the face, eyes and mouth weighted), l1, ssim+l1
 NO_WARP_LAST = 0.2                    # share of the run at the end without random warp
 LR_FINAL = 1.0                        # the learning rate at the end, a share of LEARNING_RATE (1 = no decay)
+EDGES = 0.0                           # weight of the masked loss's edge term (0 = none; 5-15 measured no gain)
 SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
@@ -82,6 +83,9 @@ def parse_args(argv=None):
                    help="steps over which the learning rate rises linearly to --lr (0 = none)")
     p.add_argument("--loss", choices=["l1", "ssim+l1", "masked"], default=LOSS,
                    help="l1: the tutorial's; masked: DSSIM + MSE inside the face, eyes x3, mouth x2")
+    p.add_argument("--edges", type=utils.non_negative_number, default=EDGES,
+                   help="masked loss: weight of an L1 on the image gradients inside the face, which penalises "
+                        "blurred edges (the gradient difference loss; 0 = none; no gain measured at 64 px, README)")
     p.add_argument("--no-warp-last", type=float, default=NO_WARP_LAST,
                    help="share of the run (of --iterations, or of --minutes) trained without the random warp "
                         "at the end, which sharpens the result (DeepFaceLab does this)")
@@ -108,7 +112,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=utils.non_negative_int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                    help="DataLoader processes preparing batches (0 = in the main process)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the batches")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.edges and args.loss != "masked":
+        p.error("--edges is a term of the masked loss: use it with --loss masked")
+    return args
 
 
 # ---------------------------------------------------------------- data
@@ -240,7 +247,7 @@ class BothSides(nn.Module):
         return self.model.forward_both(x_a, x_b)
 
 
-def reconstruction_loss(kind, outside_weight=0.05):
+def reconstruction_loss(kind, outside_weight=0.05, edges=0.0):
     """loss(output, target, weights) of one side. output may carry a mask as a 4th channel.
 
     l1: the tutorial's L1 on the whole square. ssim+l1: plus DSSIM. masked: DeepFaceLab's
@@ -259,6 +266,11 @@ def reconstruction_loss(kind, outside_weight=0.05):
         mse = (weights * (y[:, :3] - t) ** 2).mean() / weights.mean()
         dssim = (1 - utils.ssim(y[:, :3] * mask, t * mask)) / 2
         loss = 10 * dssim + 10 * mse
+        if edges:  # the gradient difference loss (Mathieu et al. 2016): a blurred edge costs what it loses
+            for d in (-1, -2):  # across and down; a difference weighs what the lesser of its two pixels does
+                n = weights.shape[d] - 1
+                wd = torch.minimum(weights.narrow(d, 0, n), weights.narrow(d, 1, n))
+                loss = loss + edges * (wd * (y[:, :3].diff(dim=d) - t.diff(dim=d)).abs()).mean() / wd.mean()
         if y.shape[1] == 4:
             loss = loss + F.mse_loss(y[:, 3:], mask)
         return loss
@@ -523,7 +535,7 @@ def train(args, rank, world, device):
     net = BothSides(model)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = reconstruction_loss(args.loss)
+    loss_fn = reconstruction_loss(args.loss, edges=args.edges)
     size = model.input_size
     view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
     dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank, warp_until(args, step))

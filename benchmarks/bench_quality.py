@@ -63,6 +63,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny_masked_frozen": f"{TINY_MASKED} {FROM_BASE} --init-parts encoder --freeze-encoder",
     # the default with the learning rate falling to a tenth over the end without warp (shares its trunk)
     "tiny_masked_decay": f"{TINY_MASKED} --lr-final 0.1",
+    # the default with an L1 on the image gradients inside the face (the gradient difference loss), two weights
+    "tiny_edges5": f"{TINY_MASKED} --edges 5",
+    "tiny_edges15": f"{TINY_MASKED} --edges 15",
     # 128 px out of tiny's encoder (the face averaged down to 64 px for it), the default's recipe
     "tiny128": TINY_MASKED.replace("--model tiny", "--model tiny128"),
     # the 128 px preset with the same recipe (5x the compute per sample)

@@ -151,10 +151,13 @@ def test_bad_inputs(faces, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 1 and message in err and "Traceback" not in err
     # flag values are checked by argparse (exit 2, the usual code for a usage error)
-    with pytest.raises(SystemExit) as e:
-        train.main(tiny_args(faces, tmp_path / "m", "--batch-size", "0"))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "--batch-size: must be 1 or more" in err and "Traceback" not in err
+    for extra, message in ((["--batch-size", "0"], "--batch-size: must be 1 or more"),
+                           (["--edges", "-1"], "--edges: must be a number >= 0"),
+                           (["--edges", "5", "--loss", "l1"], "use it with --loss masked")):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_args(faces, tmp_path / "m", *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err
     # a corrupt checkpoint is reported, not overwritten
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / models.CHECKPOINT).write_bytes(b"garbage")
@@ -202,6 +205,24 @@ def test_random_transform_folded_into_the_warp_is_the_warped_face(faces):
         for a, b in zip(twice, once):
             assert np.abs(a.astype(float) - b).mean() < 1.5
             assert cv2.Laplacian(b, cv2.CV_64F).var() >= cv2.Laplacian(a, cv2.CV_64F).var()
+
+
+def test_edge_term_costs_blur_not_brightness(faces):
+    """--edges adds an L1 on the image gradients inside the face: on real faces it costs a blurred copy of the
+    target, and nothing for a brightness shift of the same squared error, which keeps every edge; 0 is the
+    masked loss as before."""
+    loaded, _ = train.load_training_faces([faces[1]], quiet=True)
+    _, target, weights = train.make_batch(loaded, np.random.default_rng(0), 8, 64, warp=False)
+    images = target.numpy().transpose(0, 2, 3, 1)
+    blurred = torch.from_numpy(np.stack([cv2.GaussianBlur(t, (0, 0), 1.0) for t in images])).permute(0, 3, 1, 2)
+    masked = weights > 0
+    shift = ((blurred - target) ** 2 * masked).sum().div(masked.sum() * 3).sqrt()  # the same error inside the face
+    brighter = target + shift
+    plain, edges = train.reconstruction_loss("masked"), train.reconstruction_loss("masked", edges=10)
+    assert edges(target, target, weights) == plain(target, target, weights)
+    assert edges(brighter, target, weights) == pytest.approx(plain(brighter, target, weights).item(), abs=1e-6)
+    assert edges(blurred, target, weights) - plain(blurred, target, weights) > 0.1
+    assert train.parse_args([]).edges == 0 and train.EDGES == 0
 
 
 def test_fixed_batch_loss_drops():
