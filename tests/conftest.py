@@ -20,6 +20,21 @@ def run_main(main, argv, capsys):
     return code, capsys.readouterr()
 
 
+def ctrl_c_at_step(monkeypatch, n):
+    """Make train.py's n-th training step of this test raise KeyboardInterrupt (Ctrl-C); the others run."""
+    import train
+    real_step, calls = train.train_step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", step)
+    return real_step
+
+
 def need_data():
     if not VIDEOS.is_dir():
         pytest.skip(f"real test data not found at {DATA} (shared/ beside the checkout)")

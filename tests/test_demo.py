@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import ANDREW, OBAMA, need_data
+from conftest import ANDREW, OBAMA, ctrl_c_at_step, need_data
 
 import convert_video
 import demo
@@ -20,15 +20,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     flags = ["--video-a", str(OBAMA), "--video-b", str(ANDREW), "--out-dir", str(out), "--max-frames", "40",
              "--eval-every", "30"]
     # Ctrl-C while training: the checkpoint is saved and the demo stops there (exit 130), converting nothing
-    real_step, real_convert, calls = train.train_step, convert_video.main, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
+    real_step, real_convert = ctrl_c_at_step(monkeypatch, 3), convert_video.main
     monkeypatch.setattr(convert_video, "main", lambda *a: pytest.fail("converted after Ctrl-C"))
     assert demo.main(flags + ["--minutes", "1"]) == 130
     assert models.load_checkpoint(out / "model" / models.CHECKPOINT)["step"] == 2

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import ctrl_c_at_step, run_main
 
 import models
 import train
@@ -108,15 +108,7 @@ def test_already_done_is_a_no_op(faces, tmp_path, capsys):
 
 
 def test_ctrl_c_saves(faces, tmp_path, monkeypatch):
-    real_step, calls = train.train_step, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
+    ctrl_c_at_step(monkeypatch, 4)
     # saved, and exit code 130 as for any Ctrl-C, so that what runs train.py next does not go on
     assert train.main(tiny_args(faces, tmp_path, "--iterations", "100", "--save-every", "50")) == 130
     assert models.load_checkpoint(tmp_path / models.CHECKPOINT)["step"] == 3
