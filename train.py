@@ -252,8 +252,8 @@ def reconstruction_loss(kind, outside_weight=0.05, edges=0.0):
 
     l1: the tutorial's L1 on the whole square. ssim+l1: plus DSSIM. masked: DeepFaceLab's
     10 x DSSIM + 10 x MSE inside the face mask (SAEHD), the MSE weighted x3 around the eyes and
-    x2 around the mouth (faceswap), `outside_weight` outside the face; a learned mask is trained
-    on the face mask."""
+    x2 around the mouth (faceswap), `outside_weight` outside the face, plus `edges` x the L1 of the
+    image gradients' difference weighted the same way (0: none); a learned mask is trained on the face mask."""
     def l1(y, t, w):
         return F.l1_loss(y[:, :3], t)
 
