@@ -76,11 +76,10 @@ class Encoder(nn.Module):
     def __init__(self, input_size, encoder_channels, latent_dim, encoder_size):
         super().__init__()
         self.pool = input_size // encoder_size  # the face is averaged down by this first
-        input_size = encoder_size
         widths = (3, *encoder_channels)
         self.convs = nn.Sequential(*[ConvBlock(a, b) for a, b in zip(widths, widths[1:])])
         top = encoder_channels[-1]
-        side = input_size // 2 ** len(encoder_channels)  # 4 for the original
+        side = encoder_size // 2 ** len(encoder_channels)  # 4 for the original
         self.top, self.side = top, side
         self.dense = nn.Sequential(nn.Flatten(), nn.Linear(top * side * side, latent_dim),
                                    nn.Linear(latent_dim, top * 4 * 4))
