@@ -51,6 +51,7 @@ PAIRS = {  # A's clips, B's clips, A's and B's names in the gallery
              "ocasio_cortez", "katie_hill"),
 }
 TINY_MASKED = "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2"
+TINY128 = TINY_MASKED.replace("--model tiny", "--model tiny128")  # 128 px out of tiny's encoder, the same recipe
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
     # train.py's default: the tiny model (64 px) with the masked loss, warm-up, no warp at the end
@@ -67,9 +68,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny_edges5": f"{TINY_MASKED} --edges 5",
     "tiny_edges15": f"{TINY_MASKED} --edges 15",
     # 128 px out of tiny's encoder (the face averaged down to 64 px for it), the default's recipe
-    "tiny128": TINY_MASKED.replace("--model tiny", "--model tiny128"),
+    "tiny128": TINY128,
     # tiny128 with the edge term
-    "tiny128_edges5": TINY_MASKED.replace("--model tiny", "--model tiny128") + " --edges 5",
+    "tiny128_edges5": f"{TINY128} --edges 5",
     # the 128 px preset with the same recipe (5x the compute per sample)
     "lite128": "--model lite128 --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
     # the default before them (demo.py on a CPU): the tiny model, L1
