@@ -85,13 +85,20 @@ class Encoder(nn.Module):
                                    nn.Linear(latent_dim, top * 4 * 4))
         self.upscale = UpscaleBlock(top, top // 2)
 
-    def forward(self, x):                          # (B, 3, 64, 64)
+    def code(self, x):                             # (B, 3, 64, 64)
+        """The bottleneck: what the decoders learn to draw a face from."""
         if self.pool > 1:
             x = nn.functional.avg_pool2d(x, self.pool)
         x = self.convs(x)                          # (B, 1024, 4, 4)
-        x = self.dense(x)                          # (B, 16384)
+        return self.dense[1](self.dense[0](x))     # (B, 1024)
+
+    def expand(self, code):
+        x = self.dense[2](code)                    # (B, 16384)
         x = x.view(-1, self.top, 4, 4)             # (B, 1024, 4, 4)
         return self.upscale(x)                     # (B, 512, 8, 8)
+
+    def forward(self, x):
+        return self.expand(self.code(x))
 
 
 class Decoder(nn.Module):
@@ -158,8 +165,64 @@ class FaceSwapModel(nn.Module):
 
     def forward_both(self, x_a, x_b):
         """One encoder pass over both sides' batches (cheaper than two), then each decoder."""
-        z = self.encoder(torch.cat([x_a, x_b]))
-        return self.decoder_a(z[: len(x_a)]), self.decoder_b(z[len(x_a):])
+        return self.forward_training(x_a, x_b)[:2]
+
+    def forward_training(self, x_a, x_b, swaps=False):
+        """(A's faces through decoder A, B's through decoder B, the bottleneck codes of A's faces then B's, and with
+        swaps=True each side's faces drawn as the other person: (A's through decoder B, B's through decoder A),
+        else None). One encoder pass over both sides."""
+        code = self.encoder.code(torch.cat([x_a, x_b]))
+        z, n = self.encoder.expand(code), len(x_a)
+        if not swaps:
+            return self.decoder_a(z[:n]), self.decoder_b(z[n:]), code, None
+        out_a, out_b = self.decoder_a(z), self.decoder_b(z)  # each decoder once over both sides
+        return out_a[:n], out_b[n:], code, (out_b[:n], out_a[n:])
+
+
+class PatchDiscriminator(nn.Sequential):
+    """Real or drawn, judged patch by patch (PatchGAN): logits (B, 1, size/4, size/4) for faces (B, 3, size, size)
+    (size/8 for faces over 64 px), each seeing about a quarter of a face's width, so it judges the texture of eyes,
+    lips and skin rather than the face's layout. Small: it costs a tenth of the tiny model's step per face."""
+
+    def __init__(self, size, channels=16):
+        sn = nn.utils.parametrizations.spectral_norm
+        c = channels
+        layers = [sn(nn.Conv2d(3, c, 3, padding=1)), nn.LeakyReLU(0.2),
+                  sn(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)), nn.LeakyReLU(0.2),
+                  sn(nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+        if size > 64:  # one more halving for larger faces: the same share of the face per patch
+            layers += [sn(nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+        super().__init__(*layers, sn(nn.Conv2d(4 * c, 1, 3, padding=1)))
+
+
+class CodeDiscriminator(nn.Sequential):
+    """Whose face a bottleneck code came from (A or B): logits (B, 1) for codes (B, latent_dim)."""
+
+    def __init__(self, latent_dim, width=256):
+        super().__init__(nn.Linear(latent_dim, width), nn.LeakyReLU(0.2), nn.Linear(width, width),
+                         nn.LeakyReLU(0.2), nn.Linear(width, 1))
+
+
+class Critics(nn.Module):
+    """What the adversarial losses train beside the autoencoder (train.py only): a patch discriminator for each
+    person's faces and a code discriminator. Rebuilt from the model's config."""
+
+    def __init__(self, input_size, latent_dim):
+        super().__init__()
+        self.faces_a, self.faces_b = PatchDiscriminator(input_size), PatchDiscriminator(input_size)
+        self.code = CodeDiscriminator(latent_dim)
+
+    def faces(self, side):
+        return self.faces_a if side == "a" else self.faces_b
+
+    def forward(self, faces_a=None, faces_b=None, code=None):
+        """Logits of whatever is given (None for what is not): one call, so that DDP sees one forward a step."""
+        return tuple(None if x is None else net(x) for net, x in ((self.faces_a, faces_a), (self.faces_b, faces_b),
+                                                                  (self.code, code)))
+
+
+def build_critics(config):
+    return Critics(config["input_size"], config["latent_dim"])
 
 
 def build_model(config):

@@ -57,6 +57,9 @@ LOSS = "masked"                       # masked (DSSIM + MSE in the face, eyes an
 NO_WARP_LAST = 0.2                    # share of the run at the end without random warp
 LR_FINAL = 1.0                        # the learning rate at the end, a share of LEARNING_RATE (1 = no decay)
 EDGES = 0.0                           # weight of the masked loss's edge term (0 = none; 5-15 measured no gain)
+GAN = 0.0                             # weight of the adversarial loss on the faces drawn (0 = none)
+GAN_LAST = 0.5                        # share of the run at the end with it (it sharpens a model that has settled)
+LIKENESS = 0.0                        # weight of the code discriminator's loss (0 = none)
 SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
@@ -92,6 +95,16 @@ def parse_args(argv=None):
     p.add_argument("--lr-final", type=utils.share, default=LR_FINAL,
                    help="the learning rate at the end of the run, as a share of --lr: it falls linearly to it over "
                         "that end without warp (1 = no decay)")
+    p.add_argument("--gan", type=utils.non_negative_number, default=GAN,
+                   help="weight of an adversarial loss: a patch discriminator per person learns to tell that person's "
+                        "real faces from those the decoder draws (of the person and swapped from the other one), "
+                        "and the decoders learn to fool it (DeepFaceLab's gan_power; 0 = none)")
+    p.add_argument("--gan-last", type=utils.share, default=GAN_LAST,
+                   help="share of the run (of --iterations, or of --minutes) at the end with --gan on")
+    p.add_argument("--likeness", type=utils.non_negative_number, default=LIKENESS,
+                   help="weight of a code discriminator's loss: it learns whose face a bottleneck code came from, and "
+                        "the encoder learns to make A's and B's codes alike, so that B's decoder draws B from A's "
+                        "codes (DeepFaceLab's true_face_power; 0 = none)")
     p.add_argument("--init", type=Path, default=None,
                    help="start a new model from this checkpoint's weights (a pretrained base of the same --model)")
     p.add_argument("--init-parts", choices=["all", "encoder"], default="all",
@@ -237,14 +250,14 @@ def batch_loader(dataset, start_step, workers):
 
 
 class BothSides(nn.Module):
-    """Training view of the model: (x_a, x_b) -> (A decoder output, B decoder output), one module for DDP."""
+    """Training view of the model, one module for DDP: (x_a, x_b, swaps) -> models.FaceSwapModel.forward_training."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, x_a, x_b):
-        return self.model.forward_both(x_a, x_b)
+    def forward(self, x_a, x_b, swaps=False):
+        return self.model.forward_training(x_a, x_b, swaps)
 
 
 def reconstruction_loss(kind, outside_weight=0.05, edges=0.0):
@@ -295,11 +308,13 @@ def save_checkpoint(model_dir, state, is_best):
         utils.write_bytes_atomic(Path(model_dir) / models.BEST_CHECKPOINT, data)
 
 
-def checkpoint_state(model, optimizer, step, best_loss, seed, identities=None):
+def checkpoint_state(model, optimizer, step, best_loss, seed, identities=None, adversaries=None):
     """What a checkpoint holds: weights, optimizer, step and the model's config (convert_video.py needs only
-    that), and A's and B's face-recognition identity (convert_video.py tells the person apart with it)."""
+    that), A's and B's face-recognition identity (convert_video.py tells the person apart with it), and the
+    critics of --gan/--likeness with their optimizer, if any."""
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=model.config,
-                best_loss=best_loss, seed=seed, identities=identities)
+                best_loss=best_loss, seed=seed, identities=identities,
+                **(adversaries.state() if adversaries is not None else {}))
 
 
 def mean_loss_improved(window, best_loss):
@@ -366,18 +381,119 @@ def any_rank(flag, world):
 # ---------------------------------------------------------------- training
 
 
-def train_step(net, optimizer, batch, loss_fn, device, dtype, scaler):
-    """One step on both sides; returns (loss_a, loss_b) as floats."""
+def train_step(net, optimizer, batch, loss_fn, device, dtype, scaler, adversaries=None):
+    """One step on both sides; returns (loss_a, loss_b) as floats. With `adversaries` (Adversaries) their terms
+    join the loss, and then the critics take their own step."""
     (input_a, target_a, weights_a), (input_b, target_b, weights_b) = [[to_device(t, device) for t in side]
                                                                       for side in batch]
     with utils.autocast(device, dtype):
-        out_a, out_b = net(input_a, input_b)
+        out_a, out_b, codes, swaps = net(input_a, input_b, adversaries is not None and adversaries.gan_on)
     loss_a, loss_b = loss_fn(out_a.float(), target_a, weights_a), loss_fn(out_b.float(), target_b, weights_b)
+    total = loss_a + loss_b
+    if adversaries is not None:
+        masks = ((weights_a > 0).float(), (weights_b > 0).float())
+        with utils.autocast(device, dtype):
+            total = total + adversaries.generator_loss((out_a, out_b), swaps, codes, masks)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss_a + loss_b).backward()
+    scaler.scale(total).backward()
     scaler.step(optimizer)
     scaler.update()
+    if adversaries is not None:
+        adversaries.critic_step((target_a, target_b), masks, device, dtype)
     return loss_a.item(), loss_b.item()
+
+
+# ---------------------------------------------------------------- adversarial losses (--gan, --likeness)
+
+
+class Adversaries:
+    """The critics beside the autoencoder (models.Critics), their optimizer, and the losses they give.
+
+    Each step, generator_loss gives the autoencoder's adversarial terms: its faces judged by each person's patch
+    discriminator (--gan, while gan_on), its codes by the code discriminator (--likeness); then critic_step
+    trains the critics on the same step's real faces and on the faces and codes just made (detached)."""
+
+    def __init__(self, critics, optimizer, gan, likeness, world, device, dtype):
+        self.critics, self.optimizer, self.gan, self.likeness = critics, optimizer, gan, likeness
+        self.net = critics if world == 1 else nn.parallel.DistributedDataParallel(
+            critics, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.gan_on = False
+        self.made = None                       # this step's faces and codes, detached, for critic_step
+        self.losses = (math.nan, math.nan)     # the last step's adversarial term and critics' loss
+
+    @property
+    def active(self):
+        return self.gan > 0 or self.likeness > 0
+
+    def generator_loss(self, outputs, swaps, codes, masks):
+        """The autoencoder's adversarial terms: each decoder's faces (its person's, and the other person's drawn as
+        its person) are to pass as real, and A's codes as B's and B's as A's."""
+        self.critics.requires_grad_(False)  # gradients go to the autoencoder only
+        loss, faces = torch.zeros((), device=codes.device), None
+        if self.likeness:
+            loss = loss + self.likeness * bce(self.critics.code(codes), 1 - code_labels(codes))
+        if self.gan_on:
+            (out_a, out_b), (a_as_b, b_as_a) = outputs, swaps
+            faces = (torch.cat([out_a[:, :3] * masks[0], b_as_a[:, :3] * masks[1]]),
+                     torch.cat([out_b[:, :3] * masks[1], a_as_b[:, :3] * masks[0]]))
+            for side, drawn in zip("ab", faces):
+                loss = loss + self.gan * bce(self.critics.faces(side)(drawn), 1.0)
+        self.critics.requires_grad_(True)
+        self.made = (None if faces is None else [f.detach() for f in faces], codes.detach())
+        self.losses = (loss.item(), math.nan)
+        return loss
+
+    def critic_step(self, targets, masks, device, dtype):
+        """One step of the critics: real faces (the step's targets in their masks) against the faces made."""
+        faces, codes = self.made
+        if faces is None and not self.likeness:
+            return  # nothing judged this step (before the end with --gan)
+        real = [t * m for t, m in zip(targets, masks)]
+        with utils.autocast(device, dtype):
+            both = None if faces is None else [torch.cat([r, f]) for r, f in zip(real, faces)]
+            logits_a, logits_b, logits_code = self.net(*(both or (None, None)), codes if self.likeness else None)
+        loss = torch.zeros((), device=codes.device)
+        if logits_code is not None:
+            loss = loss + bce(logits_code, code_labels(codes))
+        for logits, r in ((logits_a, real[0]), (logits_b, real[1])):
+            if logits is not None:  # the first len(r) are real
+                loss = loss + bce(logits[:len(r)], 1.0) + bce(logits[len(r):], 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.losses = (self.losses[0], loss.item())
+
+    def state(self):
+        return dict(critics=self.critics.state_dict(), critics_optimizer=self.optimizer.state_dict())
+
+
+def bce(logits, target):
+    """Binary cross-entropy of logits against a label (a float, or a tensor of labels)."""
+    logits = logits.float()
+    target = torch.full_like(logits, target) if isinstance(target, float) else target.to(logits).expand_as(logits)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def code_labels(codes):
+    """The code discriminator's labels of a batch of codes (A's then B's, as many of each): 0 for A, 1 for B."""
+    n = len(codes) // 2
+    return torch.cat([torch.zeros(n, 1), torch.ones(len(codes) - n, 1)]).to(codes.device)
+
+
+def make_adversaries(args, model, saved, world, device, dtype):
+    """Adversaries for --gan/--likeness, with a resumed checkpoint's critics (`saved`: its dict) if it has them; None
+    when neither is asked for and the checkpoint has none. Critics a checkpoint has are kept (and saved again)
+    even by a run that does not use them."""
+    if not (args.gan or args.likeness or saved.get("critics")):
+        return None
+    critics = models.build_critics(model.config).to(device)
+    optimizer = make_optimizer(critics, args.lr)
+    if saved.get("critics"):
+        critics.load_state_dict(saved["critics"])
+        optimizer.load_state_dict(saved["critics_optimizer"])
+    return Adversaries(critics, optimizer, args.gan, args.likeness, world, device, dtype)
 
 
 def make_optimizer(model, lr):
@@ -390,8 +506,8 @@ def make_optimizer(model, lr):
 
 
 def prepare(args, device, quiet):
-    """(model, optimizer, step, best loss, identities): a new model (identities None), or the checkpoint's state
-    when one exists (resume)."""
+    """(model, optimizer, step, best loss, identities, checkpoint): a new model (identities None, checkpoint {}), or
+    the checkpoint's state when one exists (resume)."""
     ckpt_path = args.model_dir / models.CHECKPOINT
     if not ckpt_path.exists():
         if args.freeze_encoder and not args.init:
@@ -401,7 +517,7 @@ def prepare(args, device, quiet):
         if args.init:
             init_from(model, args.init, quiet, args.init_parts)
         model.to(device).to(memory_format=torch.channels_last)
-        return model, make_optimizer(model, args.lr), 0, math.inf, None
+        return model, make_optimizer(model, args.lr), 0, math.inf, None, {}
     if args.init and not quiet:
         print(f"note: {ckpt_path} exists, so training resumes from it and --init is not used")
     ckpt = models.load_checkpoint(ckpt_path)
@@ -413,7 +529,7 @@ def prepare(args, device, quiet):
     optimizer.load_state_dict(ckpt["optimizer"])  # the loop sets this run's learning rate at every step
     if not quiet:
         print(f"resuming at step {ckpt['step']}")
-    return model, optimizer, ckpt["step"], ckpt.get("best_loss", math.inf), ckpt.get("identities")
+    return model, optimizer, ckpt["step"], ckpt.get("best_loss", math.inf), ckpt.get("identities"), ckpt
 
 
 def init_from(model, path, quiet, parts="all"):
@@ -469,11 +585,13 @@ def load_both_sides(args, main_rank, known=None):
     return faces_a, faces_b, identities
 
 
-def warp_until(args, start_step):
-    """The step from which batches are drawn without random warp (--no-warp-last), or None."""
-    if args.no_warp_last <= 0 or not args.iterations:
-        return None  # with --minutes only, the switch is made on the clock, in the loop
-    return max(start_step if args.no_warp_last >= 1 else 0, round((1 - args.no_warp_last) * args.iterations))
+def end_start(args, share, start_step):
+    """The step where the last `share` of the run (of --iterations) begins, e.g. the end without random warp; a
+    share of 1 or more: this run's first step. None for a share of 0, and with --minutes alone (the switch is then
+    made on the clock, in the loop)."""
+    if share <= 0 or not args.iterations:
+        return None
+    return max(start_step if share >= 1 else 0, round((1 - share) * args.iterations))
 
 
 def cut_log(path, step):
@@ -523,7 +641,7 @@ def run(args):
 
 def train(args, rank, world, device):
     main_rank = rank == 0
-    model, optimizer, step, best_loss, identities = prepare(args, device, quiet=not main_rank)
+    model, optimizer, step, best_loss, identities, saved = prepare(args, device, quiet=not main_rank)
     model.encoder.requires_grad_(not args.freeze_encoder)  # frozen: Adam skips it, autograd stops at its output
     if args.iterations and step >= args.iterations:
         if main_rank:
@@ -538,8 +656,11 @@ def train(args, rank, world, device):
     loss_fn = reconstruction_loss(args.loss, edges=args.edges)
     size = model.input_size
     view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
-    dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank, warp_until(args, step))
+    dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank,
+                          end_start(args, args.no_warp_last, step))
     tail = decay_tail(args, dataset.warp_until, step)
+    adversaries = make_adversaries(args, model, saved, world, device, dtype)
+    gan_from = end_start(args, args.gan_last, step) if args.gan else None
     if main_rank:
         print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
@@ -556,7 +677,7 @@ def train(args, rank, world, device):
     log_file = open(log_path, "a", newline="") if main_rank else None
     log = csv.writer(log_file) if log_file else None
     if log and new_log:
-        log.writerow(["step", "loss_a", "loss_b", "samples_per_s", "elapsed_s"])
+        log.writerow(["step", "loss_a", "loss_b", "samples_per_s", "elapsed_s", "adversarial", "critics"])
     window = []  # losses since the last checkpoint, for the best-checkpoint backup
     saved_step = step
     start_time = tick = time.time()
@@ -570,8 +691,11 @@ def train(args, rank, world, device):
             batch = next(batches)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(args, step, tail)
+            if adversaries is not None:
+                adversaries.gan_on = gan_from is not None and step >= gan_from
             try:
-                loss_a, loss_b = train_step(net, optimizer, batch, loss_fn, device, dtype, scaler)
+                loss_a, loss_b = train_step(net, optimizer, batch, loss_fn, device, dtype, scaler,
+                                            adversaries if adversaries is not None and adversaries.active else None)
             except torch.OutOfMemoryError:
                 raise utils.UserError(f"out of memory at batch size {args.batch_size}; "
                                       f"try --batch-size {max(1, args.batch_size // 2)}") from None
@@ -587,8 +711,10 @@ def train(args, rank, world, device):
                 tick, tick_step = time.time(), step
                 bar.set_postfix(loss_a=f"{loss_a:.4f}", loss_b=f"{loss_b:.4f}", samples_s=f"{rate:.1f}")
                 if log:
+                    adversarial = [f"{v:.6f}" if math.isfinite(v) else "" for v in
+                                   (adversaries.losses if adversaries is not None else (math.nan, math.nan))]
                     log.writerow([step, f"{loss_a:.6f}", f"{loss_b:.6f}", f"{rate:.2f}",
-                                  f"{time.time() - start_time:.1f}"])
+                                  f"{time.time() - start_time:.1f}", *adversarial])
                     log_file.flush()
             if main_rank and step % args.preview_every == 0:
                 save_preview(args.model_dir / "preview.png", model, view_a, view_b, device)
@@ -601,11 +727,14 @@ def train(args, rank, world, device):
                 dataset.warp_until = step  # the rest of this run without random warp
                 tail = decay_tail(args, step, run_start)
                 batches = iter(batch_loader(dataset, step, args.workers))
+            if (gan_from is None and args.minutes and args.gan and args.gan_last > 0
+                    and any_rank(elapsed >= (1 - args.gan_last) * args.minutes * 60, world)):
+                gan_from = step  # the rest of this run with the adversarial loss
             if step % args.save_every == 0 or done or out_of_time:
                 best_loss, is_best = mean_loss_improved(window, best_loss)
                 if main_rank:
                     save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed,
-                                                                     identities), is_best)
+                                                                     identities, adversaries), is_best)
                 saved_step = step
             if done or out_of_time:
                 stop_reason = stop_reason if done else f"{args.minutes:g} minutes reached"
@@ -614,8 +743,8 @@ def train(args, rank, world, device):
         stop_reason, interrupted = "interrupted (Ctrl-C)", True
         best_loss, is_best = mean_loss_improved(window, best_loss)
         if main_rank:
-            save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed, identities),
-                            is_best)
+            save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed, identities,
+                                                                 adversaries), is_best)
     finally:
         bar.close()
         cv2.setNumThreads(cv2_threads)

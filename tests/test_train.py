@@ -67,6 +67,41 @@ def test_resume_continues_exactly(faces, tmp_path, monkeypatch):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def test_adversarial_training_resumes_exactly(faces, tmp_path, monkeypatch):
+    """--gan (on over the last half) and --likeness: the critics and their optimizer are in the checkpoint, and a run
+    stopped before the adversarial end and resumed ends with the same weights, the critics' too; the log records the
+    adversarial term and the critics' loss once they are on."""
+    flags = ["--gan", "0.1", "--gan-last", "0.5", "--likeness", "0.05", "--iterations", "6"]
+    assert train.main(tiny_args(faces, tmp_path / "once", *flags)) == 0
+    ctrl_c_at_step(monkeypatch, 3)
+    assert train.main(tiny_args(faces, tmp_path / "twice", *flags)) == 130
+    monkeypatch.undo()
+    assert models.load_checkpoint(tmp_path / "twice" / models.CHECKPOINT)["step"] == 2
+    assert train.main(tiny_args(faces, tmp_path / "twice", *flags)) == 0
+    once, twice = (models.load_checkpoint(tmp_path / run / models.CHECKPOINT) for run in ("once", "twice"))
+    for part in ("model", "critics"):
+        assert once[part].keys() == twice[part].keys()
+        assert all(torch.equal(once[part][k], twice[part][k]) for k in once[part])
+    assert once["critics_optimizer"]["state"]  # the critics learned (Adam has moments)
+    untrained = models.build_critics(once["config"]).state_dict()
+    assert not torch.equal(once["critics"]["faces_b.0.parametrizations.weight.original"],
+                           untrained["faces_b.0.parametrizations.weight.original"])
+    rows = list(csv.DictReader(open(tmp_path / "once" / "log.csv")))
+    critics = [float(r["critics"]) for r in rows]
+    assert all(np.isfinite(critics)) and critics[3] > critics[2] + 0.5  # the face critics join at step 4
+
+
+def test_gan_switched_on_for_a_trained_model(faces, tmp_path):
+    """A model trained without critics goes on with --gan: they are made then, and kept by a later plain run."""
+    assert train.main(tiny_args(faces, tmp_path, "--iterations", "2")) == 0
+    assert "critics" not in models.load_checkpoint(tmp_path / models.CHECKPOINT)
+    assert train.main(tiny_args(faces, tmp_path, "--iterations", "4", "--gan", "0.1", "--gan-last", "1")) == 0
+    critics = models.load_checkpoint(tmp_path / models.CHECKPOINT)["critics"]
+    assert train.main(tiny_args(faces, tmp_path, "--iterations", "5")) == 0
+    kept = models.load_checkpoint(tmp_path / models.CHECKPOINT)["critics"]
+    assert all(torch.equal(critics[k], kept[k]) for k in critics)  # carried, untouched
+
+
 def test_lr_falls_to_lr_final_over_the_end_without_warp(faces, tmp_path, monkeypatch, capsys):
     """--lr-final: constant --lr while the warp is on, then linearly down to lr x lr-final at the last step; the
     same rates when the run is stopped in its end and resumed."""
