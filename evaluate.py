@@ -15,13 +15,17 @@ converted: whole frames and the face at full size) and prints a table:
                With B's held-out faces, their mean distance to B's reference is the yardstick for
                that distance: how far a real, unseen face of B lies. Retrieval among few people can
                be won by a featureless face in B's colours; the distance tells it from a face of B.
+               The transfer index puts the distance on a scale: 0 = as far from B as A's own
+               (unswapped) face, 1 = as near B as B's held-out faces.
   pose         head yaw/pitch/roll of source and converted face (cv2.solvePnP of the 68 landmarks
                against a 3D mean face): mean absolute error in degrees
   sharpness    variance of the Laplacian inside the face (landmark hull, outline left out),
                converted / source: 1.0 = as much fine detail as the real face, blur lowers it.
                Pixel noise and sharpening raise it too, so it is also taken at the scale of the
                facial features (the face shrunk to FEATURE_SCALE px between the eyes): the edges of
-               eyes, brows, nose and lips, which a featureless blob lacks however noisy it is
+               eyes, brows, nose and lips, which a featureless blob lacks however noisy it is.
+               --noise-control measures each face again with noise added up to the source's fine
+               detail: the feature-scale figure should not rise with it
   expression   68-landmark error between source and converted frame / inter-ocular distance
   flicker      mean frame-to-frame change inside the face box, converted / source
   reconstruct  A->A and B->B on held-out faces: L1, PSNR (dB), SSIM, and SSIM inside the face
@@ -79,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--every", type=utils.positive_int, default=1, help="evaluate every Nth frame")
     p.add_argument("--max-frames", type=utils.non_negative_int, default=0, help="at most N frames (0 = all)")
     p.add_argument("--direction", choices=["a2b", "b2a"], default="a2b", help="which way the video was swapped")
+    p.add_argument("--noise-control", action="store_true",
+                   help="also measure each converted face with pixel noise added up to the source's fine detail: "
+                        "a control that detail figures must not reward (the feature-scale one should stay put)")
     utils.add_detector_args(p)
     return p.parse_args(argv)
 
@@ -306,14 +313,20 @@ def run(args):
             continue
         dst_landmarks = found_dst[0][1]
         interior = utils.face_interior_mask(src_landmarks, src.shape)  # the same region in both frames
-        rows.append(dict(
+        row = dict(
             distances=np.linalg.norm(gallery - embedder.embed(dst, dst_landmarks), axis=1),
+            source_distance=float(np.linalg.norm(gallery[target] - embedder.embed(src, src_landmarks))),
             landmark_error=landmark_error(src_landmarks, dst_landmarks),
             pose_error=pose_error(utils.head_pose(src_landmarks, src.shape), utils.head_pose(dst_landmarks, dst.shape)),
             sharp_src=utils.sharpness(src, src_landmarks, interior),
             sharp_dst=utils.sharpness(dst, src_landmarks, interior),
             feature_src=feature_sharpness(src, src_landmarks, interior),
-            feature_dst=feature_sharpness(dst, src_landmarks, interior)))
+            feature_dst=feature_sharpness(dst, src_landmarks, interior))
+        if args.noise_control:
+            noisy = noise_to_detail(dst, row["sharp_src"], row["sharp_dst"], interior, np.random.default_rng(i))
+            row.update(sharp_noisy=utils.sharpness(noisy, src_landmarks, interior),
+                       feature_noisy=feature_sharpness(noisy, src_landmarks, interior))
+        rows.append(row)
         if len(samples) < 6 and i % max(1, 15 * args.every) == 0:
             samples.append((src, dst, src_landmarks))
     if not rows:
@@ -323,9 +336,10 @@ def run(args):
     heldout_target = args.heldout_b if args.direction == "a2b" else args.heldout_a
     if heldout_target:
         t = names[target]
-        result["identity"][f"heldout_{t}_distance_to_{t}"] = round(float(np.linalg.norm(
-            reference_embeddings(embedder, analyzer, heldout_target, REFERENCE_FACES) - gallery[target],
-            axis=1).mean()), 4)
+        heldout = float(np.linalg.norm(reference_embeddings(embedder, analyzer, heldout_target, REFERENCE_FACES)
+                                       - gallery[target], axis=1).mean())
+        result["identity"][f"heldout_{t}_distance_to_{t}"] = round(heldout, 4)
+        result["identity"]["transfer_index"] = transfer_index(result["identity"], t, heldout)
     result["flicker"] = dict(
         source_mean_change=round(float(np.mean(changes_src)), 3) if changes_src else None,
         converted_mean_change=round(float(np.mean(changes_dst)), 3) if changes_dst else None,
@@ -346,6 +360,22 @@ def run(args):
     return result
 
 
+def transfer_index(identity, target, heldout):
+    """How far the swap went from the source person to the target: 0 = still the source's face, 1 = as near the
+    target's reference as the target's own held-out faces lie, (d(source, T) - d(swap, T)) / (d(source, T) -
+    d(held-out T, T))."""
+    start, reached = identity[f"mean_distance_source_to_{target}"], identity[f"mean_distance_to_{target}"]
+    return round((start - reached) / max(start - heldout, 1e-6), 4)
+
+
+def noise_to_detail(image, source_detail, detail, interior, rng):
+    """The image with grey Gaussian noise inside `interior` that raises its fine detail (the grey Laplacian's
+    variance, `detail`) to the source's: the Laplacian of independent noise of variance s^2 has variance 20 s^2."""
+    sigma = np.sqrt(max(source_detail - detail, 0.0) / 20)
+    noise = rng.normal(0, sigma, image.shape[:2] + (1,)) * (interior > 0.5)[..., None]
+    return np.clip(image + noise + 0.5, 0, 255).astype(np.uint8)
+
+
 def identity_figures(rows, names, target, other, direction):
     distances = np.stack([r["distances"] for r in rows])  # (frames, identities)
     nearest = distances.argmin(1)
@@ -356,6 +386,7 @@ def identity_figures(rows, names, target, other, direction):
             "mean_rank_of_target": round(float(rank.mean()), 3),
             f"mean_distance_to_{t}": round(float(distances[:, target].mean()), 4),
             f"mean_distance_to_{o}": round(float(distances[:, other].mean()), 4),
+            f"mean_distance_source_to_{t}": round(float(np.mean([r["source_distance"] for r in rows])), 4),
             "most_retrieved_instead": max(set(wrong), key=wrong.count) if wrong else None,
             f"two_person_closer_to_{t}": round(float((distances[:, target] < distances[:, other]).mean()), 4),
             f"share_within_0.6_of_{t}": round(float((distances[:, target] < 0.6).mean()), 4),
@@ -388,7 +419,7 @@ def quality_figures(rows):
     poses = np.stack([r["pose_error"] for r in rows])
     src, dst = measured_pairs(rows, "sharp_src", "sharp_dst")
     f_src, f_dst = measured_pairs(rows, "feature_src", "feature_dst")
-    return dict(
+    figures = dict(
         pose=dict(error_deg=round(float(np.nanmean(poses)), 3), yaw_error_deg=round(float(np.nanmean(poses[:, 0])), 3),
                   pitch_error_deg=round(float(np.nanmean(poses[:, 1])), 3),
                   roll_error_deg=round(float(np.nanmean(poses[:, 2])), 3)),
@@ -398,6 +429,13 @@ def quality_figures(rows):
                        converted=round(float(dst.mean()), 2) if src.size else None,
                        feature_scale_ratio=round(float(f_dst.mean() / f_src.mean()), 4) if f_src.size else None),
         expression=dict(landmark_error_over_inter_ocular=round(float(np.mean([r["landmark_error"] for r in rows])), 4)))
+    if "sharp_noisy" in rows[0]:
+        n_src, n_dst = measured_pairs(rows, "sharp_src", "sharp_noisy")
+        nf_src, nf_dst = measured_pairs(rows, "feature_src", "feature_noisy")
+        figures["sharpness"]["noise_control"] = dict(
+            ratio=round(float(n_dst.mean() / n_src.mean()), 4) if n_src.size else None,
+            feature_scale_ratio=round(float(nf_dst.mean() / nf_src.mean()), 4) if nf_src.size else None)
+    return figures
 
 
 def print_table(result):

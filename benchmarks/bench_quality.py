@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import tutorial
 from common import ROOT, VIDEOS, log_rate, require_data
@@ -81,6 +82,10 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
 # train.py flags that act only in the end without warp: recipes that differ only in them share one speed and one
 # trunk, and each trains only its own end
 TAIL_FLAGS = ("--lr-final",)
+# train.py flags giving the share of a run at its end that differs from the rest (no random warp, the adversarial
+# loss): a budget's run is a trunk without any end, kept and gone on from by the next budget, and a branch that ends
+END_FLAGS = {"--no-warp-last": 0.0, "--gan-last": train.GAN_LAST}
+NO_END = {name: 0 for name in END_FLAGS}
 TRUNK_FILES = (models.CHECKPOINT, "log.csv")  # what a kept trunk needs to go on from (60 MB for tiny)
 HOLDOUT = 0.15
 TUTORIAL_SAVE_EVERY = 40  # the tutorial's steps between saves of its trunk (~8 minutes here)
@@ -166,10 +171,11 @@ def prepare_pair(pair, out):
 # ---------------------------------------------------------------- training
 
 
-def train_flags(flags, faces, model_dir, iterations, no_warp_last=None, device="cpu", workers=1):
+def train_flags(flags, faces, model_dir, iterations, end=None, device="cpu", workers=1):
+    """train.py's flags for a recipe; end: {flag: share} overriding the shares of the run's end phases."""
     extra = list(flags) + ["--device", device, "--workers", str(workers)]
-    if no_warp_last is not None:
-        extra = strip(extra, "--no-warp-last") + ["--no-warp-last", str(no_warp_last)]
+    for name, share in (end or {}).items():
+        extra = strip(extra, name) + [name, str(share)]
     return (["--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
              "--model-dir", str(model_dir), "--iterations", str(iterations), "--save-every", "1000000",
              "--preview-every", "1000000", "--log-every", "10"] + extra)
@@ -208,7 +214,7 @@ def train_trunk(flags, faces, trunk, start, pair_dir, **on):
         shutil.copytree(kept, trunk)
         print(f"trunk at step {start} copied from {kept}", flush=True)
         return
-    check(train.main(train_flags(flags, faces, trunk, start, no_warp_last=0, **on)))
+    check(train.main(train_flags(flags, faces, trunk, start, NO_END, **on)))
     if not kept.is_dir() and models.load_checkpoint(path)["step"] == start:
         tmp = kept.with_name(kept.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -220,8 +226,26 @@ def on_device(args):
     return dict(device=args.device, workers=args.workers)
 
 
+def end_share(flags):
+    """The share of a run at its end that trains unlike the rest (the largest of its END_FLAGS in force)."""
+    shares = [flag(flags, name, default) for name, default in END_FLAGS.items()
+              if name != "--gan-last" or flag(flags, "--gan", 0.0) > 0]
+    return max(shares, default=0.0)
+
+
 def calibrate(flags, faces, work, seconds, **on):
-    """Samples per second of a recipe on this machine (median of its log after the first steps)."""
+    """Samples per second of a recipe on this machine (median of its log after the first steps); for a recipe with
+    an adversarial end (--gan), the rate of a whole run: its steps with and without it weighted by --gan-last."""
+    if flags != "tutorial" and flag(flags, "--gan", 0.0) > 0:
+        plain = calibrate_phase(flags, faces, work, seconds, NO_END, **on)
+        gan = calibrate_phase(flags, faces, work, seconds, dict(NO_END, **{"--gan-last": 1}), **on)
+        share = flag(flags, "--gan-last", train.GAN_LAST)
+        return 1 / ((1 - share) / plain + share / gan)
+    return calibrate_phase(flags, faces, work, seconds, NO_END, **on)
+
+
+def calibrate_phase(flags, faces, work, seconds, end, **on):
+    """Samples per second of a recipe trained with the end phases `end` (see train_flags)."""
     cal = work / "calibration"
     shutil.rmtree(cal, ignore_errors=True)
     if flags == "tutorial":
@@ -233,10 +257,10 @@ def calibrate(flags, faces, work, seconds, **on):
                 break
         return 2 * tutorial.BATCH_SIZE * (len(times) - 1) / sum(times[1:])
     start = time.time()
-    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, 10, no_warp_last=0, **on)))  # a first guess
+    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, 10, end, **on)))  # a first guess
     steps = 10 + int(10 * seconds / (time.time() - start))
     shutil.rmtree(cal)
-    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, steps, no_warp_last=0, **on)))
+    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, steps, end, **on)))
     rate = log_rate(cal)
     shutil.rmtree(cal)
     return rate
@@ -283,32 +307,70 @@ def budget_steps(rate, minutes, batch):
 # ---------------------------------------------------------------- the curve
 
 
+RAW_FLAGS = "--detail 0 --sharpen 0 --crf 0"  # the model's own face: no texture from the source, no sharpening
+SHEET_FRAMES = 2  # held-out frames on each budget's contact sheet
+SHEET_SIZE = 512  # px of each face on it
+
+
 def evaluate_budget(model_dir, test_frames, faces, names, gallery, out, every, convert_flags=""):
-    """Convert A's held-out frames with the model in model_dir and measure the swap."""
-    swapped = out / "swapped"
-    shutil.rmtree(swapped, ignore_errors=True)
-    check(convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir),
-                              "--output-path", str(swapped), "--workers", "1"] + convert_flags.split()))
-    check(evaluate.main(["--converted-path", str(swapped), "--source-path", str(test_frames),
-                         "--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
-                         "--heldout-a", *map(str, faces["A"][1]), "--heldout-b", *map(str, faces["B"][1]),
-                         "--gallery", str(gallery), "--name-a", names[0], "--name-b", names[1],
-                         "--model-dir", str(model_dir), "--out-dir", str(out), "--every", str(every)]))
-    shutil.rmtree(swapped)
-    return json.loads((out / "evaluation.json").read_text())
+    """Convert A's held-out frames with the model in model_dir and measure the swap: with the model's raw output
+    (RAW_FLAGS, in out/raw/, with the noise control) and with convert_video.py's defaults (in out/), or with
+    `convert_flags` alone. Returns {"raw": result, "default": result} (or {"flags": result}); writes out/sheet.jpg."""
+    runs = {"flags": (out, convert_flags)} if convert_flags else {"raw": (out / "raw", RAW_FLAGS),
+                                                                   "default": (out, "")}
+    results, swapped = {}, {}
+    for kind, (folder, flags) in runs.items():
+        swapped[kind] = folder / "swapped"
+        shutil.rmtree(swapped[kind], ignore_errors=True)
+        check(convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir),
+                                  "--output-path", str(swapped[kind]), "--workers", "1"] + flags.split()))
+        check(evaluate.main(["--converted-path", str(swapped[kind]), "--source-path", str(test_frames),
+                             "--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
+                             "--heldout-a", *map(str, faces["A"][1]), "--heldout-b", *map(str, faces["B"][1]),
+                             "--gallery", str(gallery), "--name-a", names[0], "--name-b", names[1],
+                             "--model-dir", str(model_dir), "--out-dir", str(folder), "--every", str(every)]
+                            + (["--noise-control"] if kind == "raw" else [])))
+        results[kind] = json.loads((folder / "evaluation.json").read_text())
+    contact_sheet(test_frames, swapped, out / "sheet.jpg")
+    for folder in swapped.values():
+        shutil.rmtree(folder)
+    return results
 
 
-def summary_row(pair, recipe, minutes, steps, result):
-    ident, rec = result["identity"], result.get("reconstruction", {})
-    return dict(pair=pair, recipe=recipe, minutes=minutes, steps=steps,
-                top1=ident["top1_retrieval"], rank=ident["mean_rank_of_target"],
-                two_person=next(v for k, v in ident.items() if k.startswith("two_person")),
-                distance_b=ident["mean_distance_to_B"], heldout_b_distance=ident.get("heldout_B_distance_to_B"),
-                sharpness=result["sharpness"]["ratio"],
-                feature_sharpness=result["sharpness"].get("feature_scale_ratio"), pose_deg=result["pose"]["error_deg"],
-                landmarks=result["expression"]["landmark_error_over_inter_ocular"],
-                flicker=result["flicker"]["ratio"],
-                ssim_face_b=rec.get("B->B", {}).get("ssim_face"))
+def contact_sheet(test_frames, swapped, path):
+    """SHEET_FRAMES held-out frames, one row each: the source face, then each conversion's, at SHEET_SIZE px."""
+    frames = utils.list_images(test_frames)
+    picks = [frames[round(k * (len(frames) - 1) / (SHEET_FRAMES + 1))] for k in range(1, SHEET_FRAMES + 1)]
+    analyzer = utils.FaceAnalyzer()
+    rows = []
+    for frame in picks:
+        source = utils.read_image(frame)
+        found = analyzer.analyze(source)
+        if not found:
+            continue
+        images = [source] + [utils.read_image(folder / (frame.stem + ".png")) for folder in swapped.values()]
+        rows.append(np.hstack([evaluate.face_crop(image, found[0][1], SHEET_SIZE) for image in images]))
+    if rows:
+        utils.write_image(path, np.vstack(rows), jpeg_quality=90)
+
+
+def summary_row(pair, recipe, minutes, steps, results):
+    """One row of the summary: the figures of the raw output (the headline) and of the default conversion."""
+    row = dict(pair=pair, recipe=recipe, minutes=minutes, steps=steps)
+    for kind, result in results.items():
+        ident, rec, sharp = result["identity"], result.get("reconstruction", {}), result["sharpness"]
+        prefix = "" if kind != "default" else "default_"
+        row.update({f"{prefix}{k}": v for k, v in dict(
+            top1=ident["top1_retrieval"], rank=ident["mean_rank_of_target"],
+            two_person=next(v for k, v in ident.items() if k.startswith("two_person")),
+            distance_b=ident["mean_distance_to_B"], source_distance_b=ident.get("mean_distance_source_to_B"),
+            heldout_b_distance=ident.get("heldout_B_distance_to_B"), transfer=ident.get("transfer_index"),
+            sharpness=sharp["ratio"], feature_sharpness=sharp.get("feature_scale_ratio"),
+            noise_sharpness=sharp.get("noise_control", {}).get("ratio"),
+            noise_feature_sharpness=sharp.get("noise_control", {}).get("feature_scale_ratio"),
+            pose_deg=result["pose"]["error_deg"], landmarks=result["expression"]["landmark_error_over_inter_ocular"],
+            flicker=result["flicker"]["ratio"], ssim_face_b=rec.get("B->B", {}).get("ssim_face")).items()})
+    return row
 
 
 def run_recipe(pair, spec, args, gallery):
@@ -335,9 +397,9 @@ def run_recipe(pair, spec, args, gallery):
             loop = loop or tutorial_loop(faces, trunk / models.CHECKPOINT)
             model_dir = train_tutorial(loop, steps, trunk)
         else:
-            no_warp = flag(flags, "--no-warp-last", 0.0)
-            if no_warp > 0:  # trunk with warp to where this budget's no-warp end begins, then a branch
-                start = round((1 - no_warp) * steps)
+            end = end_share(flags)
+            if end > 0:  # a trunk to where this budget's end begins (without warp, with --gan), then a branch
+                start = round((1 - end) * steps)
                 train_trunk(flags, faces, trunk, start, args.out / pair, **on)
                 model_dir = work / "branch"
                 shutil.rmtree(model_dir, ignore_errors=True)
@@ -353,9 +415,10 @@ def run_recipe(pair, spec, args, gallery):
             print(f"{pair} / {name} / {minutes:g} min: {steps} steps in {seconds:.0f} s -> {kept}", flush=True)
             if args.stage == "train":
                 continue
-        result = evaluate_budget(kept, test_frames, faces, names, gallery, out, args.eval_every, args.convert_flags)
+        results = evaluate_budget(kept, test_frames, faces, names, gallery, out, args.eval_every,
+                                  args.convert_flags)
         row = summary_row(pair, name + (f" ({args.convert_flags})" if args.convert_flags else ""), minutes, steps,
-                          result)
+                          results)
         trained = utils.read_json(kept / "trained.json")
         row.update(samples_per_s=round(rate, 2), trained_on=trained["device"], train_wall_s=trained["seconds"])
         (out / "budget.json").write_text(json.dumps(dict(row, recipe_flags=flags), indent=1) + "\n")
@@ -428,20 +491,23 @@ def merge_summary(path, rows):
 
 
 def markdown(rows):
-    head = "| pair | recipe | minutes | steps | ID top-1 | target rank | 2-person | distance to B (real B) | " \
-           "sharpness | at feature scale | pose (deg) | landmarks | flicker | trained on |\n" + "|---" * 14 + "|\n"
+    """The summary as a table: the raw output's figures first (the model's own face), then the default
+    conversion's detail figures."""
+    head = ("| pair | recipe | minutes | steps | ID top-1 | transfer | distance to B (A's own; real B) | "
+            "fine detail | at feature scale | noise control: fine, feature | default: fine, feature | "
+            "pose (deg) | landmarks | flicker | trained on |\n" + "|---" * 15 + "|\n")
 
-    def real(r):  # how far B's own held-out faces lie (rows made before it was measured have none)
-        return f" ({r['heldout_b_distance']:.2f})" if r.get("heldout_b_distance") is not None else ""
-
-    def optional(value, digits=3):  # a figure that rows made before it existed lack
+    def num(value, digits=2):  # a figure that rows made before it existed lack
         return "-" if value is None else f"{value:.{digits}f}"
 
-    return head + "".join(f"| {r['pair']} | {r['recipe']} | {r['minutes']:g} | {r['steps']} | {r['top1']:.2f} | "
-                          f"{r['rank']:.2f} | {r['two_person']:.2f} | {optional(r.get('distance_b'), 2)}{real(r)} | "
-                          f"{r['sharpness']:.3f} | {optional(r.get('feature_sharpness'))} | {r['pose_deg']:.2f} | "
-                          f"{r['landmarks']:.3f} | {r['flicker']:.2f} | {r.get('trained_on', 'cpu')} |\n"
-                          for r in rows)
+    return head + "".join(
+        f"| {r['pair']} | {r['recipe']} | {r['minutes']:g} | {r['steps']} | {num(r['top1'])} | "
+        f"{num(r.get('transfer'))} | {num(r.get('distance_b'))} ({num(r.get('source_distance_b'))}; "
+        f"{num(r.get('heldout_b_distance'))}) | {num(r['sharpness'], 3)} | {num(r.get('feature_sharpness'), 3)} | "
+        f"{num(r.get('noise_sharpness'))}, {num(r.get('noise_feature_sharpness'), 3)} | "
+        f"{num(r.get('default_sharpness'), 3)}, {num(r.get('default_feature_sharpness'), 3)} | "
+        f"{num(r['pose_deg'])} | {num(r['landmarks'], 3)} | {num(r['flicker'])} | {r.get('trained_on', 'cpu')} |\n"
+        for r in rows)
 
 
 def main(argv=None):
