@@ -72,6 +72,12 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny128": TINY128,
     # tiny128 with the edge term
     "tiny128_edges5": f"{TINY128} --edges 5",
+    # the default with an adversarial end: each person's faces judged by a patch discriminator over the last half
+    "tiny_gan": f"{TINY_MASKED} --gan 0.1",
+    # the default with a code discriminator making A's and B's codes alike (the whole run)
+    "tiny_likeness": f"{TINY_MASKED} --likeness 0.05",
+    # 128 px faces with the adversarial end
+    "tiny128_gan": f"{TINY128} --gan 0.1",
     # the 128 px preset with the same recipe (5x the compute per sample)
     "lite128": "--model lite128 --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2",
     # the default before them (demo.py on a CPU): the tiny model, L1
