@@ -26,7 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import records
 import utils
+import video
 
 VIDEO_PATH = Path("data/personA.mp4")  # the video to read
 SAVE_DIR = Path("train/personA")      # where the frames go
@@ -50,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--every", type=utils.positive_int, default=EVERY, help="keep every Nth frame")
     p.add_argument("--max-frames", type=utils.non_negative_int, default=MAX_FRAMES,
                    help="stop after N frames written (0 = all)")
-    p.add_argument("--start", type=float, default=0.0, help="start time in seconds")
-    p.add_argument("--end", type=float, default=0.0, help="end time in seconds (0 = end of video)")
+    p.add_argument("--start", type=utils.non_negative_number, default=0.0, help="start time in seconds")
+    p.add_argument("--end", type=utils.non_negative_number, default=0.0, help="end time in seconds (0 = end of video)")
     p.add_argument("--format", choices=["png", "jpg"], default=IMAGE_FORMAT, help="image format")
     p.add_argument("--overwrite", action="store_true",
                    help="replace frames already in --save-dir (otherwise the script refuses)")
@@ -80,28 +82,34 @@ def source_record(args, source):
 
 def previous_frames(save_dir, record, overwrite):
     """{index: time} of frames an earlier run of this same extraction wrote (to resume), {} to start afresh,
-    or None when that run is complete. Frames of another video or other settings are refused."""
+    or None when that run is complete. Frames of another video or other settings are refused, or with
+    --overwrite deleted: only the frames the earlier record lists (images of your own stay)."""
     existing = utils.list_images(save_dir)
-    meta_path = save_dir / utils.FRAMES_NAME
-    meta = utils.read_json(meta_path) if meta_path.is_file() and not overwrite else None
-    if meta is not None and all(meta.get(k) == record[k] for k in utils.FRAMES_SOURCE_KEYS):  # moved or not
+    try:
+        meta = records.read_frames(save_dir)
+    except utils.UserError:
+        if not overwrite:
+            raise
+        meta = None  # a damaged record: --overwrite starts afresh (what it listed is unknown, so nothing goes)
+    if meta is not None and not overwrite and all(meta.get(k) == record[k] for k in records.FRAMES_SOURCE_KEYS):
         names = {p.name for p in existing}
-        done = {i: t for i, t in zip(meta.get("frames", []), meta.get("times", []))
-                if frame_name(i, record["format"]) in names}
-        if meta.get("complete") and len(done) == len(meta.get("frames", [])):
+        done = {i: t for i, t in zip(meta["frames"], meta["times"]) if frame_name(i, record["format"]) in names}
+        if meta.get("complete") and len(done) == len(meta["frames"]):
             return None
         return done
     if existing and not overwrite:
         raise utils.UserError(f"{save_dir} already holds {len(existing)} images from another video or other "
                               "settings; choose another --save-dir or pass --overwrite to replace them")
+    listed = set() if meta is None else {frame_name(i, meta.get("format", "png")) for i in meta["frames"]}
     for p in existing:
-        p.unlink()
+        if p.name in listed and not p.is_symlink():
+            p.unlink()
     return {}
 
 
 def run(args):
     utils.print_settings(args, "crop_from_video.py")
-    source = utils.FrameSource(args.video_path)
+    source = video.FrameSource(args.video_path)
     if source.is_folder:
         raise utils.UserError(f"{args.video_path} is a folder; --video-path takes a video file")
     save_dir = utils.ensure_writable_dir(args.save_dir)
@@ -120,17 +128,24 @@ def extract(args, source, save_dir):
     info = dict(fps=source.fps, width=source.width, height=source.height, rotation=source.rotation,
                 announced_frames=source.expected)
     written = dict(done)
-    last_save = 0.0
+    reached_end = write_frames(args, source, save_dir, written, lambda: records.write_frames(
+        save_dir, record, info, written, complete=False))
+    if not written:
+        records.write_frames(save_dir, record, info, written, complete=False)
+        raise utils.UserError("no frames in the requested range (check --start/--end)")
+    problem = None if reached_end else source.shortfall_message()
+    records.write_frames(save_dir, record, info, written, complete=problem is None, note=problem)
+    if problem:
+        print(f"warning: {problem}; frames.json records complete: false")
+    print(f"wrote {len(written)} frames ({source.width}x{source.height}, {source.fps:.3f} fps) to {save_dir}")
+    return 0
 
-    def save(complete, note=None):
-        order = sorted(written)
-        meta = dict(record, **info, frames=order, times=[written[i] for i in order], complete=complete)
-        if note:
-            meta["note"] = note
-        utils.write_json(save_dir / utils.FRAMES_NAME, meta)
 
-    reached_end = False  # the selection ended (--end, --max-frames) before the video did
+def write_frames(args, source, save_dir, written, save):
+    """Write the selected frames not in `written` ({index: seconds}, updated), calling save() every SAVE_SECONDS;
+    whether the selection ended (--end, --max-frames) before the video did."""
     first_wanted = first_time = None
+    last_save = time.time()
     with tqdm(total=source.expected, unit="frame", desc="reading") as bar:
         for frame in source:
             bar.update(1)
@@ -140,8 +155,7 @@ def extract(args, source, save_dir):
                 first_time = frame.time if first_time is None else first_time
                 t = frame.time - first_time
             if args.end and t >= args.end - 1e-6:
-                reached_end = True
-                break
+                return True
             if t < args.start - 1e-6:
                 continue
             first_wanted = frame.index if first_wanted is None else first_wanted
@@ -151,26 +165,15 @@ def extract(args, source, save_dir):
                 utils.write_image(save_dir / frame_name(frame.index, args.format), frame.image)
                 written[frame.index] = round(t, 6)
             if args.max_frames and len(written) >= args.max_frames:
-                reached_end = True
-                break
+                return True
             if time.time() - last_save > SAVE_SECONDS:  # an interrupted run resumes from here
-                save(complete=False)
+                save()
                 last_save = time.time()
-    if not written:
-        save(complete=False)
-        raise utils.UserError("no frames in the requested range (check --start/--end)")
-    problem = None if reached_end else source.shortfall_message()
-    save(complete=problem is None, note=problem)
-    if problem:
-        print(f"warning: {problem}; frames.json records complete: false")
-    print(f"wrote {len(written)} frames ({source.width}x{source.height}, {source.fps:.3f} fps) to {save_dir}")
-    return 0
+    return False
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    with utils.user_errors():
-        return run(args)
+    return utils.main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

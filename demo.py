@@ -26,6 +26,7 @@ import crop_from_video
 import evaluate
 import train
 import utils
+import video as video_mod
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 SHARED_VIDEOS = SHARED_DATA / "videos"
@@ -108,7 +109,7 @@ def base_for(init, model):
 
 def split_seconds(video, holdout):
     """The time (s) where the held-out tail of a clip starts."""
-    info = utils.video_info(video)
+    info = video_mod.video_info(video)
     if info["frames"] < 10 or not info["fps"]:
         raise utils.UserError(f"{video} is too short for the demo ({info['frames']} frames)")
     return info["frames"] / info["fps"] * (1 - holdout)
@@ -169,9 +170,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    with utils.user_errors():
-        return run(args)
+    return utils.main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import align
+import faces
 import models
+import records
+import tensors
 import utils
+import video
 
 CONVERTED_PATH = Path("output/swapped.mp4")  # convert_video.py's output
 SOURCE_PATH = Path("data/personA.mp4")       # the video it was made from
@@ -60,9 +65,7 @@ HELDOUT_B = None
 MODEL_DIR = Path("models")
 OUT_DIR = Path("output")
 FEATURE_SCALE = 32                           # px between the outer eye corners for feature_scale sharpness
-REFERENCE_FACES = 40                         # faces per person for the reference embedding
 GALLERY_SAMPLES = 20                         # frames taken from each gallery clip
-VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif", ".m4v"}
 
 
 def parse_args(argv=None):
@@ -86,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--noise-control", action="store_true",
                    help="also measure each converted face with pixel noise added up to the source's fine detail: "
                         "a control that detail figures must not reward (the feature-scale one should stay put)")
-    utils.add_detector_args(p)
+    faces.add_detector_args(p)
     return p.parse_args(argv)
 
 
@@ -96,7 +99,7 @@ def parse_args(argv=None):
 def landmark_error(source, converted):
     """Mean landmark distance / inter-ocular distance (outer eye corners) of the source."""
     source, converted = np.asarray(source, float), np.asarray(converted, float)
-    return float(np.linalg.norm(source - converted, axis=1).mean() / utils.inter_ocular(source))
+    return float(np.linalg.norm(source - converted, axis=1).mean() / align.inter_ocular(source))
 
 
 def pose_error(source_pose, converted_pose):
@@ -125,34 +128,44 @@ def psnr(x, y):
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
-def model_view_masks(landmarks, size, coverage=utils.FACE_COVERAGE):
+def model_view_masks(landmarks, size, coverage=align.FACE_COVERAGE):
     """Face-hull masks (N, 1, size, size) in the model's view of aligned faces; the mean face where unknown."""
-    full = utils.FACE_SIZE
+    full = align.FACE_SIZE
     lo = full * (1 - coverage) / 2
     template = np.full((68, 2), np.nan)
-    template[utils.ALIGN_POINTS] = utils.MEAN_FACE * size
+    template[align.ALIGN_POINTS] = align.MEAN_FACE * size
     masks = []
     for points in landmarks:
-        points = (points - lo) * size / (full * coverage) if np.isfinite(points).all() else template[utils.ALIGN_POINTS]
-        masks.append(utils.face_hull_mask(points, (size, size)))
+        points = (points - lo) * size / (full * coverage) if np.isfinite(points).all() else template[align.ALIGN_POINTS]
+        masks.append(align.face_hull_mask(points, (size, size)))
     return torch.from_numpy(np.stack(masks)[:, None])
 
 
-def reconstruction(model, faces, side, landmarks=None, batch=32):
+def reconstructions(model, heldout_a, heldout_b):
+    """{"A->A": figures, "B->B": figures} of the held-out faces given (reconstruction)."""
+    found = {}
+    for folders, side in ((heldout_a, "a"), (heldout_b, "b")):
+        if folders:
+            images, landmarks = records.load_faces(folders, quiet=True)
+            found[f"{side.upper()}->{side.upper()}"] = reconstruction(model, images, side, landmarks)
+    return found
+
+
+def reconstruction(model, images, side, landmarks=None, batch=32):
     """L1, PSNR (dB), SSIM and SSIM inside the face of model(face, side) against the un-augmented face view."""
     size = model.input_size
-    views = utils.to_tensor(np.stack([utils.center_face(f, size) for f in faces]))
+    views = tensors.to_tensor(np.stack([align.center_face(f, size) for f in images]))
     outs = []
     with torch.no_grad():
         for i in range(0, len(views), batch):
             outs.append(model(views[i:i + batch], side)[:, :3].float())
     out = torch.cat(outs)
-    landmarks = np.full((len(faces), 68, 2), np.nan) if landmarks is None else landmarks
+    landmarks = np.full((len(images), 68, 2), np.nan) if landmarks is None else landmarks
     mask = model_view_masks(landmarks, size)
     return dict(l1=round(float((out - views).abs().mean()), 5),
                 psnr=round(psnr(out.numpy(), views.numpy()), 3),
-                ssim=round(float(utils.ssim(out, views)), 4),
-                ssim_face=round(float(utils.ssim(out, views, mask=mask)), 4), faces=len(faces))
+                ssim=round(float(tensors.ssim(out, views)), 4),
+                ssim_face=round(float(tensors.ssim(out, views, mask=mask)), 4), faces=len(images))
 
 
 def largest_face_embedding(image, analyzer, embedder):
@@ -160,37 +173,19 @@ def largest_face_embedding(image, analyzer, embedder):
     return embedder.embed(image, found[0][1]) if found else None
 
 
-def reference_embeddings(embedder, analyzer, folders, count):
-    """(N, 128) embeddings of up to `count` faces spread over one or more aligned-face folders."""
-    paths = [p for f in folders if Path(f).is_dir() for p in utils.list_images(f)]
-    if not paths:
-        raise utils.UserError(f"no face images in {', '.join(map(str, folders))} (needed for the reference identity)")
-    picks = [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
-    embeddings = [e for e in (largest_face_embedding(utils.read_image(p), analyzer, embedder) for p in picks)
-                  if e is not None]
-    if not embeddings:
-        raise utils.UserError(f"no face found again in the images of {', '.join(map(str, folders))}")
-    return np.stack(embeddings)
-
-
-def reference_embedding(embedder, analyzer, folders, count):
-    """A person's reference identity: the mean embedding of up to `count` of their faces."""
-    return reference_embeddings(embedder, analyzer, folders, count).mean(0)
-
-
 def media_files(folder):
     return sorted(p for p in Path(folder).iterdir()
-                  if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTS | VIDEO_EXTS)
+                  if p.is_file() and p.suffix.lower() in utils.IMAGE_EXTS | video.VIDEO_EXTS)
 
 
-def person_embedding(files, analyzer, embedder, samples=GALLERY_SAMPLES):
+def gallery_embedding(files, analyzer, embedder, samples=GALLERY_SAMPLES):
     """Mean embedding of the largest face in each photo and in `samples` frames spread over each clip."""
     found = []
     for path in files:
         if path.suffix.lower() in utils.IMAGE_EXTS:
             images = [utils.read_image(path)]
         else:
-            frames = list(utils.read_video(path))
+            frames = list(video.read_video(path))
             images = [frames[i] for i in np.linspace(0, len(frames) - 1, min(samples, len(frames))).astype(int)]
         found += [e for e in (largest_face_embedding(im, analyzer, embedder) for im in images) if e is not None]
     return (np.mean(found, 0), len(found)) if found else (None, 0)
@@ -210,7 +205,7 @@ def load_gallery(folder, analyzer, embedder):
         key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         entry = cache.get(person.name)
         if entry is None or entry.get("files") != key:
-            embedding, count = person_embedding(files, analyzer, embedder)
+            embedding, count = gallery_embedding(files, analyzer, embedder)
             entry = dict(files=key, faces=count, embedding=None if embedding is None else embedding.tolist())
             cache[person.name], changed = entry, True
         if entry["embedding"] is None:
@@ -229,7 +224,7 @@ def load_gallery(folder, analyzer, embedder):
 
 def sample_frames(path, every, max_frames):
     """(index, image, evaluate this one?) for the frames of a video or image folder."""
-    for i, frame in enumerate(utils.FrameSource(path)):
+    for i, frame in enumerate(video.FrameSource(path)):
         if max_frames and i >= max_frames:
             break
         yield i, frame.image, i % every == 0
@@ -262,15 +257,17 @@ def contact_sheet(samples, path, height=160):
 
 
 def identities(args, analyzer, embedder):
-    """(names, embeddings (K, 128), target index, other index): A, B, then the gallery's other people."""
-    ref_a = reference_embedding(embedder, analyzer, args.faces_a, REFERENCE_FACES)
-    ref_b = reference_embedding(embedder, analyzer, args.faces_b, REFERENCE_FACES)
-    names, embeddings = ["A", "B"], [ref_a, ref_b]
+    """(names, embeddings (K, 128), target index, other index): A, B (their faces' stored embeddings), then the
+    gallery's other people."""
+    names, embeddings = ["A", "B"], [faces.person_embedding(args.faces_a), faces.person_embedding(args.faces_b)]
     if args.gallery:
         for name, embedding in load_gallery(args.gallery, analyzer, embedder).items():
             if name not in (args.name_a, args.name_b):  # the pair's own faces stand for them
                 names.append(name)
                 embeddings.append(embedding)
+    if len(names) == 2:
+        print("note: the identity gallery holds only A and B, so top-1 retrieval only says which of the two the "
+              "swap is nearer; give --gallery (a folder of other people) for a real test")
     target, other = (1, 0) if args.direction == "a2b" else (0, 1)
     return names, np.stack(embeddings), target, other
 
@@ -280,17 +277,41 @@ def run(args):
     for path, what in ((args.converted_path, "converted video"), (args.source_path, "source video")):
         if not path.exists():
             raise utils.UserError(f"{what} not found: {path}")
+    # the model first: an unreadable checkpoint fails before any frame is measured
+    model = models.load_model(args.model_dir / args.checkpoint)[0] if args.heldout_a or args.heldout_b else None
     out_dir = utils.ensure_writable_dir(args.out_dir)
-    analyzer = utils.FaceAnalyzer(*utils.detector_settings(args))
-    embedder = utils.FaceEmbedder()
+    analyzer, embedder = faces.DetectorSettings.from_args(args).analyzer(), faces.FaceEmbedder()
     names, gallery, target, other = identities(args, analyzer, embedder)
-    rows = []  # per evaluated frame: distances to every identity, landmark error, poses, sharpness
-    changes_src, changes_dst, samples = [], [], []
-    prev = None
+    rows, flicker, samples, counts = measure_frames(args, analyzer, embedder, gallery, target)
+    if not rows:
+        raise utils.UserError("no face found in any converted frame; nothing to evaluate")
+    result = dict(frames=counts[0], frames_evaluated=len(rows), converted_frames_without_face=counts[1],
+                  identity=identity_figures(rows, names, target, other, args.direction), **quality_figures(rows),
+                  flicker=flicker)
+    heldout_target = args.heldout_b if args.direction == "a2b" else args.heldout_a
+    if heldout_target:
+        t = names[target]
+        heldout = float(np.linalg.norm(faces.face_embeddings(heldout_target) - gallery[target], axis=1).mean())
+        result["identity"][f"heldout_{t}_distance_to_{t}"] = round(heldout, 4)
+        result["identity"]["transfer_index"] = transfer_index(result["identity"], t, heldout)
+    if model is not None:
+        result["reconstruction"] = reconstructions(model, args.heldout_a, args.heldout_b)
+    if samples:
+        contact_sheet(samples, out_dir / "contact_sheet.png")
+    utils.write_json(out_dir / "evaluation.json", dict(result, settings=utils.settings_dict(args)))
+    print_table(result)
+    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'contact_sheet.png'}")
+    return result
+
+
+def measure_frames(args, analyzer, embedder, gallery, target):
+    """Measure the converted frames against the source's: (a row per evaluated frame, the flicker figures, a few
+    (source, converted, landmarks) samples for the contact sheet, (frames read, converted frames without a face))."""
+    rows, changes, samples, prev = [], ([], []), [], None
     n_frames = n_missing = 0
-    converted = sample_frames(args.converted_path, 1, args.max_frames)
-    for (i, src, use), (_, dst, _) in tqdm(zip(sample_frames(args.source_path, args.every, args.max_frames),
-                                               converted), desc="evaluating", unit="frame"):
+    frames = zip(sample_frames(args.source_path, args.every, args.max_frames),
+                 sample_frames(args.converted_path, 1, args.max_frames))
+    for (i, src, use), (_, dst, _) in tqdm(frames, desc="evaluating", unit="frame"):
         n_frames += 1
         if src.shape != dst.shape:
             raise utils.UserError(f"frame {i}: converted {dst.shape[1]}x{dst.shape[0]} differs from source "
@@ -300,64 +321,53 @@ def run(args):
             prev = None
             continue
         src_landmarks = found_src[0][1]
-        box = face_box(src_landmarks, src.shape)
         if prev is not None:
-            changes_src.append(frame_change(prev[0], src, box))
-            changes_dst.append(frame_change(prev[1], dst, box))
+            box = face_box(src_landmarks, src.shape)
+            changes[0].append(frame_change(prev[0], src, box))
+            changes[1].append(frame_change(prev[1], dst, box))
         prev = (src, dst)
         if not use:
             continue
-        found_dst = analyzer.analyze(dst)
-        if not found_dst:
+        row = frame_row(args, i, src, dst, src_landmarks, analyzer, embedder, gallery, target)
+        if row is None:
             n_missing += 1
             continue
-        dst_landmarks = found_dst[0][1]
-        interior = utils.face_interior_mask(src_landmarks, src.shape)  # the same region in both frames
-        row = dict(
-            distances=np.linalg.norm(gallery - embedder.embed(dst, dst_landmarks), axis=1),
-            source_distance=float(np.linalg.norm(gallery[target] - embedder.embed(src, src_landmarks))),
-            landmark_error=landmark_error(src_landmarks, dst_landmarks),
-            pose_error=pose_error(utils.head_pose(src_landmarks, src.shape), utils.head_pose(dst_landmarks, dst.shape)),
-            sharp_src=utils.sharpness(src, src_landmarks, interior),
-            sharp_dst=utils.sharpness(dst, src_landmarks, interior),
-            feature_src=feature_sharpness(src, src_landmarks, interior),
-            feature_dst=feature_sharpness(dst, src_landmarks, interior))
-        if args.noise_control:
-            noisy = noise_to_detail(dst, row["sharp_src"], row["sharp_dst"], interior, np.random.default_rng(i))
-            row.update(sharp_noisy=utils.sharpness(noisy, src_landmarks, interior),
-                       feature_noisy=feature_sharpness(noisy, src_landmarks, interior))
         rows.append(row)
         if len(samples) < 6 and i % max(1, 15 * args.every) == 0:
             samples.append((src, dst, src_landmarks))
-    if not rows:
-        raise utils.UserError("no face found in any converted frame; nothing to evaluate")
-    result = dict(frames=n_frames, frames_evaluated=len(rows), converted_frames_without_face=n_missing,
-                  identity=identity_figures(rows, names, target, other, args.direction), **quality_figures(rows))
-    heldout_target = args.heldout_b if args.direction == "a2b" else args.heldout_a
-    if heldout_target:
-        t = names[target]
-        heldout = float(np.linalg.norm(reference_embeddings(embedder, analyzer, heldout_target, REFERENCE_FACES)
-                                       - gallery[target], axis=1).mean())
-        result["identity"][f"heldout_{t}_distance_to_{t}"] = round(heldout, 4)
-        result["identity"]["transfer_index"] = transfer_index(result["identity"], t, heldout)
-    result["flicker"] = dict(
-        source_mean_change=round(float(np.mean(changes_src)), 3) if changes_src else None,
-        converted_mean_change=round(float(np.mean(changes_dst)), 3) if changes_dst else None,
-        ratio=round(float(np.mean(changes_dst) / max(1e-9, np.mean(changes_src))), 3) if changes_src else None)
-    if args.heldout_a or args.heldout_b:
-        model, _ = models.load_model(args.model_dir / args.checkpoint)
-        result["reconstruction"] = {}
-        for folder, side in ((args.heldout_a, "a"), (args.heldout_b, "b")):
-            if folder:
-                faces, landmarks = utils.load_faces(folder, quiet=True)
-                result["reconstruction"][f"{side.upper()}->{side.upper()}"] = reconstruction(model, faces, side,
-                                                                                            landmarks)
-    if samples:
-        contact_sheet(samples, out_dir / "contact_sheet.png")
-    utils.write_json(out_dir / "evaluation.json", dict(result, settings=utils.settings_dict(args)))
-    print_table(result)
-    print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'contact_sheet.png'}")
-    return result
+    return rows, flicker_figures(*changes), samples, (n_frames, n_missing)
+
+
+def frame_row(args, i, src, dst, src_landmarks, analyzer, embedder, gallery, target):
+    """The measures of one converted frame against its source, or None when no face is found in it."""
+    found_dst = analyzer.analyze(dst)
+    if not found_dst:
+        return None
+    dst_landmarks = found_dst[0][1]
+    interior = align.face_interior_mask(src_landmarks, src.shape)  # the same region in both frames
+    row = dict(
+        distances=np.linalg.norm(gallery - embedder.embed(dst, dst_landmarks), axis=1),
+        source_distance=float(np.linalg.norm(gallery[target] - embedder.embed(src, src_landmarks))),
+        landmark_error=landmark_error(src_landmarks, dst_landmarks),
+        pose_error=pose_error(align.head_pose(src_landmarks, src.shape), align.head_pose(dst_landmarks, dst.shape)),
+        sharp_src=align.sharpness(src, src_landmarks, interior),
+        sharp_dst=align.sharpness(dst, src_landmarks, interior),
+        feature_src=feature_sharpness(src, src_landmarks, interior),
+        feature_dst=feature_sharpness(dst, src_landmarks, interior))
+    if args.noise_control:
+        noisy = noise_to_detail(dst, row["sharp_src"], row["sharp_dst"], interior, np.random.default_rng(i))
+        row.update(sharp_noisy=align.sharpness(noisy, src_landmarks, interior),
+                   feature_noisy=feature_sharpness(noisy, src_landmarks, interior))
+    return row
+
+
+def flicker_figures(changes_src, changes_dst):
+    """Mean frame-to-frame change inside the face box, source and converted, and their ratio."""
+    if not changes_src:
+        return dict(source_mean_change=None, converted_mean_change=None, ratio=None)
+    return dict(source_mean_change=round(float(np.mean(changes_src)), 3),
+                converted_mean_change=round(float(np.mean(changes_dst)), 3),
+                ratio=round(float(np.mean(changes_dst) / max(1e-9, np.mean(changes_src))), 3))
 
 
 def transfer_index(identity, target, heldout):
@@ -394,16 +404,16 @@ def identity_figures(rows, names, target, other, direction):
 
 
 def feature_sharpness(image, landmarks, interior):
-    """utils.sharpness of the face shrunk to FEATURE_SCALE px between the eyes (never enlarged): detail at
+    """align.sharpness of the face shrunk to FEATURE_SCALE px between the eyes (never enlarged): detail at
     the scale of the eyes, brows, nose and lips, where pixel noise and sharpening average out."""
-    scale = min(1.0, FEATURE_SCALE / max(utils.inter_ocular(landmarks), 1e-6))
+    scale = min(1.0, FEATURE_SCALE / max(align.inter_ocular(landmarks), 1e-6))
     x, y, w, h = cv2.boundingRect((interior > 0.5).astype(np.uint8))
     pad = int(np.ceil(4 / scale))  # the Laplacian's neighbours around the face, at the small scale
     y0, x0 = max(0, y - pad), max(0, x - pad)
     crop, mask = image[y0:y + h + pad, x0:x + w + pad], interior[y0:y + h + pad, x0:x + w + pad]
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
     small = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
-    return utils.sharpness(small, None, cv2.resize(mask, size, interpolation=cv2.INTER_AREA))
+    return align.sharpness(small, None, cv2.resize(mask, size, interpolation=cv2.INTER_AREA))
 
 
 def measured_pairs(rows, source_key, converted_key):
@@ -452,10 +462,7 @@ def print_table(result):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    with utils.user_errors():
-        run(args)
-        return 0
+    return utils.main(parse_args, lambda args: run(args) and 0, argv)
 
 
 if __name__ == "__main__":

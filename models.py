@@ -1,10 +1,11 @@
-"""The face-swap autoencoder: one shared encoder, one decoder per person.
+"""The face-swap autoencoder (one shared encoder, one decoder per person), the critics of train.py's adversarial
+losses, and the checkpoint file.
 
-The default configuration, "original", is the tutorial's model exactly
-(64x64 input, 82.06 M parameters). Other presets only change the numbers in
-MODEL_CONFIGS; the scripts rebuild any of them from a checkpoint's config
-(load_model), so applying a model needs this file and no training code.
+Presets only change the numbers in MODEL_CONFIGS: "original" is the tutorial's model exactly (64x64 faces,
+82.06 M parameters), "tiny" a sixteenth of its compute for CPUs, the *128 presets draw 128x128 faces. A checkpoint
+carries its model's config, so the apply scripts rebuild any preset from it (load_model) with this file alone.
 """
+import io
 from pathlib import Path
 
 import torch
@@ -230,18 +231,40 @@ def build_model(config):
     return FaceSwapModel(**config)
 
 
+# ---------------------------------------------------------------- checkpoints: written by train.py, read by all
+
+
+def save_checkpoint(model_dir, state, is_best=False):
+    """Write state to model_dir/checkpoint.pt atomically; when is_best, the same bytes to checkpoint_best.pt.
+
+    state: model (state dict), config (the model's), step, and what train.py adds (optimizer, best_loss, seed,
+    identities, critics); convert_video.py needs only model, config, step and identities."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    utils.write_bytes_atomic(Path(model_dir) / CHECKPOINT, data)
+    if is_best:  # the bytes in memory, not a re-read of the file just written
+        utils.write_bytes_atomic(Path(model_dir) / BEST_CHECKPOINT, data)
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """The checkpoint dict, or a one-line UserError for a missing, corrupt or foreign file."""
+    """The checkpoint dict, or a one-line UserError for a missing, corrupt or foreign file.
+
+    Only tensors and plain values are unpickled (weights_only): a file that holds anything else is refused, never
+    run."""
     path = Path(path)
     if not path.is_file():
         raise utils.UserError(f"no checkpoint at {path} (train a model with train.py first)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types (IndexError, EOFError, ...) for a truncated or foreign file
-        message = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise utils.UserError(f"cannot read checkpoint {path}: {message}") from None
+    except Exception:  # torch raises many types (IndexError, EOFError, UnpicklingError, ...) for a foreign file
+        raise utils.UserError(f"cannot read checkpoint {path}: not a checkpoint of this project (damaged, cut short, "
+                              "or another program's file)") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
         raise utils.UserError(f"{path} is not a checkpoint of this project (no model/config/step)")
+    if not (isinstance(ckpt["step"], int) and ckpt["step"] >= 0 and isinstance(ckpt["config"], dict)
+            and isinstance(ckpt["model"], dict)):
+        raise utils.UserError(f"{path} is damaged: its step, config or weights are not what train.py writes")
     return ckpt
 
 

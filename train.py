@@ -25,6 +25,7 @@ Several GPUs or machines (see README):
 """
 import argparse
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -39,7 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import align
+import faces
 import models
+import records
+import tensors
 import utils
 
 FACES_A = Path("train/personA_face")  # aligned faces of person A (crop_face.py output)
@@ -64,7 +69,6 @@ SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
 MIN_FACES_WARNING = 200               # fewer faces per side than this gives a warning
-IDENTITY_FACES = 40                   # faces per side whose mean embedding the checkpoint records
 
 
 def parse_args(argv=None):
@@ -80,8 +84,9 @@ def parse_args(argv=None):
                    help="faces per side per step (per process)")
     p.add_argument("--iterations", type=utils.non_negative_int, default=ITERATIONS,
                    help="total steps to reach (0 = no limit)")
-    p.add_argument("--minutes", type=float, default=MINUTES, help="stop after this many minutes (0 = no limit)")
-    p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate")
+    p.add_argument("--minutes", type=utils.non_negative_number, default=MINUTES,
+                   help="stop after this many minutes (0 = no limit)")
+    p.add_argument("--lr", type=utils.non_negative_number, default=LEARNING_RATE, help="Adam learning rate")
     p.add_argument("--warmup", type=utils.non_negative_int, default=WARMUP,
                    help="steps over which the learning rate rises linearly to --lr (0 = none)")
     p.add_argument("--loss", choices=["l1", "ssim+l1", "masked"], default=LOSS,
@@ -89,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--edges", type=utils.non_negative_number, default=EDGES,
                    help="masked loss: weight of an L1 on the image gradients inside the face, which penalises "
                         "blurred edges (the gradient difference loss; 0 = none; no gain measured at 64 px, README)")
-    p.add_argument("--no-warp-last", type=float, default=NO_WARP_LAST,
+    p.add_argument("--no-warp-last", type=utils.share, default=NO_WARP_LAST,
                    help="share of the run (of --iterations, or of --minutes) trained without the random warp "
                         "at the end, which sharpens the result (DeepFaceLab does this)")
     p.add_argument("--lr-final", type=utils.share, default=LR_FINAL,
@@ -115,10 +120,7 @@ def parse_args(argv=None):
                         "costs less (no gradient through the encoder)")
     p.add_argument("--pretrain", action="store_true",
                    help="train a base: both decoders learn every face of --faces-a and --faces-b (many people)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 on recent GPUs and CPUs with AMX, fp16 on older GPUs, fp32 on other CPUs "
-                        "(faster there)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    utils.add_device_args(p, "training")
     p.add_argument("--save-every", type=utils.positive_int, default=SAVE_EVERY, help="steps between checkpoints")
     p.add_argument("--preview-every", type=utils.positive_int, default=PREVIEW_EVERY, help="steps between preview PNGs")
     p.add_argument("--log-every", type=utils.positive_int, default=LOG_EVERY, help="steps between log rows")
@@ -128,6 +130,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.edges and args.loss != "masked":
         p.error("--edges is a term of the masked loss: use it with --loss masked")
+    if {f.resolve() for f in args.faces_a} & {f.resolve() for f in args.faces_b} and not args.pretrain:
+        p.error("--faces-a and --faces-b share a folder: a model of a person swapped with themself learns nothing "
+                "a swap can use; give each person's own faces (or --pretrain for a base)")
     return args
 
 
@@ -149,7 +154,7 @@ def random_transform(size, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
     return mat
 
 
-def random_warp(image, rng, size=64, coverage=utils.FACE_COVERAGE, sigma=5.0, transform=None):
+def random_warp(image, rng, size=64, coverage=align.FACE_COVERAGE, sigma=5.0, transform=None):
     """(warped input, target) at size x size from a 256 face, as the tutorial.
 
     A 5x5 grid over the central `coverage` of the face is jittered by N(0, sigma px);
@@ -164,32 +169,32 @@ def random_warp(image, rng, size=64, coverage=utils.FACE_COVERAGE, sigma=5.0, tr
     mapy = np.broadcast_to(grid, (5, 5)).T + rng.normal(0, sigma * full / 256, (5, 5))
     src = np.stack([mapx.ravel(), mapy.ravel()], axis=-1)  # in the moved face's pixels
     transform = np.eye(3) if transform is None else transform
-    mapx, mapy = utils.transform_points(src, np.linalg.inv(transform)[:2]).reshape(5, 5, 2).transpose(2, 0, 1)
+    mapx, mapy = align.transform_points(src, np.linalg.inv(transform)[:2]).reshape(5, 5, 2).transpose(2, 0, 1)
     pad = size // 8  # resize the 5x5 grid to size*1.25 and keep the inner size x size
     interp_x = cv2.resize(mapx, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
     interp_y = cv2.resize(mapy, (size + 2 * pad, size + 2 * pad))[pad:-pad, pad:-pad].astype(np.float32)
     warped = cv2.remap(image, interp_x, interp_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     dst = np.mgrid[0:size + 1:size // 4, 0:size + 1:size // 4].T.reshape(-1, 2)
-    mat = (utils.umeyama(src, dst) @ transform)[:2]
+    mat = (align.umeyama(src, dst) @ transform)[:2]
     # bilinear, as before: warpAffine has no INTER_AREA (it falls back to bilinear)
     target = cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return warped, target
 
 
-def region_weights(landmarks, size=utils.FACE_SIZE, brow_lift=1.0):
+def region_weights(landmarks, size=align.FACE_SIZE, brow_lift=1.0):
     """uint8 (size, size) map of where the loss looks in an aligned face: 0 outside the face, else
     WEIGHT_SCALE x (1 in the face hull with the brows raised over the forehead, as convert_video.py's mask;
     3 around the eyes; 2 around the mouth: faceswap's eye and mouth multipliers)."""
     if not np.isfinite(landmarks).all():  # a face with no alignment record: the mean face's region
         landmarks = np.zeros((68, 2))
-        inner = size * utils.FACE_COVERAGE
-        landmarks[utils.ALIGN_POINTS] = utils.MEAN_FACE * inner + (size - inner) / 2
-        landmarks[utils.JAW] = landmarks[utils.MOUTH].mean(0)  # no jaw in the template: the hull ends at the mouth
-    weights = utils.face_hull_mask(landmarks, (size, size), brow_lift)
-    grow = 2 * int(0.15 * utils.inter_ocular(landmarks)) + 1
+        inner = size * align.FACE_COVERAGE
+        landmarks[align.ALIGN_POINTS] = align.MEAN_FACE * inner + (size - inner) / 2
+        landmarks[align.JAW] = landmarks[align.MOUTH].mean(0)  # no jaw in the template: the hull ends at the mouth
+    weights = align.face_hull_mask(landmarks, (size, size), brow_lift)
+    grow = 2 * int(0.15 * align.inter_ocular(landmarks)) + 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow, grow))
-    for part, weight in ((utils.MOUTH, 2.0), (utils.LEFT_EYE, 3.0), (utils.RIGHT_EYE, 3.0)):
-        region = cv2.dilate(utils.face_hull_mask(landmarks[part], (size, size)), kernel)
+    for part, weight in ((align.MOUTH, 2.0), (align.LEFT_EYE, 3.0), (align.RIGHT_EYE, 3.0)):
+        region = cv2.dilate(align.face_hull_mask(landmarks[part], (size, size)), kernel)
         weights = np.maximum(weights, region * weight)
     return np.round(weights * WEIGHT_SCALE).astype(np.uint8)
 
@@ -209,7 +214,7 @@ def make_batch(faces, rng, batch_size, size, warp=True):
         targets.append(target)
     inputs, targets = np.stack(inputs), np.stack(targets)
     weights = torch.from_numpy(targets[..., 3:].transpose(0, 3, 1, 2).astype(np.float32) / WEIGHT_SCALE)
-    return utils.to_tensor(inputs[..., :3]), utils.to_tensor(targets[..., :3]), weights
+    return tensors.to_tensor(inputs[..., :3]), tensors.to_tensor(targets[..., :3]), weights
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -221,6 +226,7 @@ class StepBatches(torch.utils.data.Dataset):
         self.faces = (faces_a, faces_b)
         self.batch_size, self.size, self.seed, self.rank = batch_size, size, seed, rank
         self.warp_until = warp_until
+        self.previews = (preview_faces(faces_a, size=size), preview_faces(faces_b, size=size))
 
     def __len__(self):
         return 2 ** 62
@@ -271,13 +277,13 @@ def reconstruction_loss(kind, outside_weight=0.05, edges=0.0):
         return F.l1_loss(y[:, :3], t)
 
     def ssim_l1(y, t, w):
-        return F.l1_loss(y[:, :3], t) + (1 - utils.ssim(y[:, :3], t)) / 2
+        return F.l1_loss(y[:, :3], t) + (1 - tensors.ssim(y[:, :3], t)) / 2
 
     def masked(y, t, w):
         mask = (w > 0).float()
         weights = torch.where(w > 0, w, torch.full_like(w, outside_weight))
         mse = (weights * (y[:, :3] - t) ** 2).mean() / weights.mean()
-        dssim = (1 - utils.ssim(y[:, :3] * mask, t * mask)) / 2
+        dssim = (1 - tensors.ssim(y[:, :3] * mask, t * mask)) / 2
         loss = 10 * dssim + 10 * mse
         if edges:  # the gradient difference loss (Mathieu et al. 2016): a blurred edge costs what it loses
             for d in (-1, -2):  # across and down; a difference weighs what the lesser of its two pixels does
@@ -296,16 +302,6 @@ def to_device(t, device):
 
 
 # ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(model_dir, state, is_best):
-    """Write state to model_dir/checkpoint.pt atomically; when is_best, the same bytes to checkpoint_best.pt."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
-    utils.write_bytes_atomic(Path(model_dir) / models.CHECKPOINT, data)
-    if is_best:  # the bytes in memory, not a re-read of the file just written
-        utils.write_bytes_atomic(Path(model_dir) / models.BEST_CHECKPOINT, data)
 
 
 def checkpoint_state(model, optimizer, step, best_loss, seed, identities=None, adversaries=None):
@@ -330,17 +326,19 @@ def mean_loss_improved(window, best_loss):
 def preview_faces(faces, count=6, size=64):
     """A fixed, evenly spread set of un-augmented faces (model view) for previews."""
     idx = np.linspace(0, len(faces) - 1, min(count, len(faces))).round().astype(int)
-    return utils.to_tensor(np.stack([utils.center_face(faces[i, ..., :3], size) for i in idx]))
+    return tensors.to_tensor(np.stack([align.center_face(faces[i, ..., :3], size) for i in idx]))
 
 
 @torch.no_grad()
-def save_preview(path, model, view_a, view_b, device):
-    """Rows: A, A->A, A->B, B, B->B, B->A; written atomically."""
+def save_preview(path, model, previews, device):
+    """Rows: A, A->A, A->B, B, B->B, B->A of the faces `previews` (preview_faces of A and of B); written
+    atomically."""
     import torchvision
 
     was_training = model.training
     model.eval()
     rows = []
+    view_a, view_b = previews
     for x, own, other in ((view_a, "a", "b"), (view_b, "b", "a")):
         x = x.to(device)
         rows += [x, model(x, own)[:, :3].float(), model(x, other)[:, :3].float()]
@@ -549,40 +547,34 @@ def init_from(model, path, quiet, parts="all"):
         print(f"starting from the {'encoder' if parts == 'encoder' else 'weights'} of {path} (step {base['step']})")
 
 
-def load_training_faces(folders, quiet, identity=False):
-    """(faces, identity): (N, 256, 256, 4) uint8, each face's BGR and the loss's region weights (from its
-    landmarks), and with identity=True the person's mean face-recognition embedding (else None)."""
-    faces, landmarks = utils.load_faces(folders, quiet=quiet)
+def load_training_faces(folders, quiet):
+    """(N, 256, 256, 4) uint8: each face's BGR and the loss's region weights (from its landmarks)."""
+    faces, landmarks = records.load_faces(folders, quiet=quiet)
     weights = np.stack([region_weights(points) for points in landmarks])
-    return (np.concatenate([faces, weights[..., None]], axis=-1),
-            person_identity(faces, landmarks) if identity else None)
+    return np.concatenate([faces, weights[..., None]], axis=-1)
 
 
-def person_identity(faces, landmarks):
-    """The mean face-recognition embedding of up to IDENTITY_FACES faces of a person (None without landmarks)."""
-    known = [i for i in range(len(faces)) if np.isfinite(landmarks[i]).all()]
-    picks = [known[i] for i in np.linspace(0, len(known) - 1, min(IDENTITY_FACES, len(known))).astype(int)]
-    if not picks:
-        return None
-    embedder = utils.FaceEmbedder()
-    return np.mean([embedder.embed(faces[i], landmarks[i]) for i in picks], 0).round(5).tolist()
+def person_identity(folders):
+    """A person's face-recognition identity for the checkpoint (convert_video.py tells the person apart with it):
+    the mean of the embeddings crop_face.py stored for their faces."""
+    return faces.person_embedding(folders).round(5).tolist()
 
 
 def load_both_sides(args, main_rank, known=None):
     """Faces of A and B, and their identities ({"a": embedding, "b": embedding}; None for a base). `known`: the
-    identities of the checkpoint being resumed, kept as they are (measuring them costs seconds at every start)."""
+    identities of the checkpoint being resumed, kept as they are."""
     quiet = not main_rank
-    measure = main_rank and not args.pretrain and not (known and all(v is not None for v in known.values()))
-    (faces_a, id_a), (faces_b, id_b) = (load_training_faces(folders, quiet, identity=measure)
-                                        for folders in (args.faces_a, args.faces_b))
-    identities = None if args.pretrain else dict(a=id_a, b=id_b) if measure else known
+    faces_a, faces_b = (load_training_faces(folders, quiet) for folders in (args.faces_a, args.faces_b))
     if args.pretrain:  # a base: both decoders see everyone
         faces_a = faces_b = np.concatenate([faces_a, faces_b])
-    for name, faces in (("A", faces_a), ("B", faces_b)):
-        if len(faces) < MIN_FACES_WARNING and not quiet:
-            print(f"warning: only {len(faces)} faces of person {name}; a few hundred or more per side "
+        known = None
+    elif main_rank and not (known and all(v is not None for v in known.values())):
+        known = dict(a=person_identity(args.faces_a), b=person_identity(args.faces_b))
+    for name, side in (("A", faces_a), ("B", faces_b)):
+        if len(side) < MIN_FACES_WARNING and not quiet:
+            print(f"warning: only {len(side)} faces of person {name}; a few hundred or more per side "
                   "give a much better swap")
-    return faces_a, faces_b, identities
+    return faces_a, faces_b, known
 
 
 def end_start(args, share, start_step):
@@ -630,6 +622,156 @@ def decay_tail(args, warp_from, run_start):
     return warp_from, warp_from + round((warp_from - run_start) * args.no_warp_last / (1 - args.no_warp_last))
 
 
+# ---------------------------------------------------------------- the schedule, the log and the progress bar
+
+
+class Schedule:
+    """Where this run stands in its recipe: each step's learning rate, where the end without warp and the
+    adversarial end begin (from --iterations; with --minutes alone they are switched on the clock, at the same
+    step on every rank), and when to stop."""
+
+    def __init__(self, args, step, world):
+        self.args, self.world, self.run_start, self.start_time = args, world, step, time.time()
+        self.warp_from = end_start(args, args.no_warp_last, step)
+        self.gan_from = end_start(args, args.gan_last, step) if args.gan else None
+        self.tail = decay_tail(args, self.warp_from, step)
+
+    def lr(self, step):
+        return learning_rate(self.args, step, self.tail)
+
+    def gan_on(self, step):
+        return self.gan_from is not None and step >= self.gan_from
+
+    def elapsed(self):
+        return time.time() - self.start_time
+
+    def check(self, step):
+        """(done, out of time, whether the warp stops from this step): every rank takes part in these checks each
+        step, so all switch and stop at the same step."""
+        args, elapsed = self.args, self.elapsed()
+        done = bool(args.iterations) and step >= args.iterations
+        out_of_time = any_rank(bool(args.minutes) and elapsed >= args.minutes * 60, self.world)
+        warp_stops = (self.warp_from is None and args.minutes and args.no_warp_last > 0
+                      and any_rank(elapsed >= (1 - args.no_warp_last) * args.minutes * 60, self.world))
+        if warp_stops:  # the rest of this run without random warp
+            self.warp_from, self.tail = step, decay_tail(args, step, self.run_start)
+        if (self.gan_from is None and args.minutes and args.gan and args.gan_last > 0
+                and any_rank(elapsed >= (1 - args.gan_last) * args.minutes * 60, self.world)):
+            self.gan_from = step  # the rest of this run with the adversarial loss
+        return done, out_of_time, warp_stops
+
+
+class TrainLog:
+    """log.csv: a row every --log-every steps (losses, samples/s, elapsed seconds, the adversarial term and the
+    critics' loss), and loss.png drawn from it. Rows past the checkpoint being resumed (a killed run logged steps
+    it never saved) are dropped first."""
+
+    HEADER = ["step", "loss_a", "loss_b", "samples_per_s", "elapsed_s", "adversarial", "critics"]
+
+    def __init__(self, model_dir, step, samples_per_step):
+        self.path, self.plot_path = model_dir / "log.csv", model_dir / "loss.png"
+        cut_log(self.path, step)
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(self.HEADER)
+        self.samples, self.tick, self.tick_step = samples_per_step, time.time(), step
+
+    def row(self, step, loss_a, loss_b, elapsed, adversaries):
+        """Log a step; returns samples/s since the last row."""
+        rate = (step - self.tick_step) * self.samples / max(1e-9, time.time() - self.tick)
+        self.tick, self.tick_step = time.time(), step
+        adversarial = adversaries.losses if adversaries is not None else (math.nan, math.nan)
+        self.writer.writerow([step, f"{loss_a:.6f}", f"{loss_b:.6f}", f"{rate:.2f}", f"{elapsed:.1f}",
+                              *(f"{v:.6f}" if math.isfinite(v) else "" for v in adversarial)])
+        self.file.flush()
+        return rate
+
+    def plot(self):
+        utils.write_image(self.plot_path, loss_plot(self.path))
+
+    def close(self):
+        self.file.close()
+
+
+def loss_plot(log_path, width=720, height=360):
+    """A chart of log.csv's losses over the steps (A and B), as a BGR image."""
+    with open(log_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss_a") and r.get("loss_b")]
+    image = np.full((height, width, 3), 255, np.uint8)
+    left, right, top, bottom = 60, width - 20, 30, height - 40
+    cv2.rectangle(image, (left, top), (right, bottom), (200, 200, 200), 1)
+    if len(rows) >= 2:
+        steps = np.array([float(r["step"]) for r in rows])
+        losses = np.array([[float(r["loss_a"]), float(r["loss_b"])] for r in rows])
+        low, high = losses.min(), np.percentile(losses, 98) + 1e-9  # the first steps' high losses clipped
+        x = left + (steps - steps[0]) / max(steps[-1] - steps[0], 1) * (right - left)
+        for k, colour in ((0, (200, 90, 30)), (1, (30, 120, 230))):
+            y = bottom - (np.clip(losses[:, k], low, high) - low) / (high - low) * (bottom - top)
+            cv2.polylines(image, [np.stack([x, y], 1).round().astype(np.int32)], False, colour, 1, cv2.LINE_AA)
+        for value, y in ((high, top), (low, bottom)):
+            cv2.putText(image, f"{value:.3g}", (5, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(image, f"step {steps[0]:.0f}", (left, height - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+        cv2.putText(image, f"step {steps[-1]:.0f}", (right - 80, height - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                    (0, 0, 0), 1)
+    cv2.putText(image, "loss A", (left + 10, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (200, 90, 30), 1, cv2.LINE_AA)
+    cv2.putText(image, "loss B", (left + 90, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (30, 120, 230), 1, cv2.LINE_AA)
+    return image
+
+
+def progress_bar(args, step, quiet):
+    """Counts to the run's real stop: the clock with --minutes, else the steps to --iterations."""
+    if args.minutes:
+        return tqdm(total=round(args.minutes * 60), unit="s", desc="training (minutes)", disable=quiet,
+                    dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=args.iterations or None, initial=step, unit="step", desc="training", disable=quiet,
+                dynamic_ncols=True)
+
+
+def show_progress(bar, args, step, schedule, losses, rate=None):
+    if args.minutes:
+        bar.update(min(bar.total, int(schedule.elapsed())) - bar.n)
+    else:
+        bar.update(1)
+    if rate is not None:
+        bar.set_postfix(step=step, loss_a=f"{losses[0]:.4f}", loss_b=f"{losses[1]:.4f}", samples_s=f"{rate:.1f}")
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Parts:
+    """What training steps and checkpoints need, made once per run."""
+    model: nn.Module
+    net: nn.Module          # the model's training view (BothSides; DDP-wrapped under torchrun)
+    optimizer: torch.optim.Optimizer
+    adversaries: object     # Adversaries, or None
+    loss_fn: object
+    device: torch.device
+    dtype: object           # autocast dtype, or None for fp32
+    identities: dict
+    seed: int
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def step(self, batch, lr, gan_on):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        adversaries = self.adversaries if self.adversaries is not None and self.adversaries.active else None
+        if adversaries is not None:
+            adversaries.gan_on = gan_on
+        return train_step(self.net, self.optimizer, batch, self.loss_fn, self.device, self.dtype, self.scaler,
+                          adversaries)
+
+    def save(self, model_dir, step, best_loss, is_best):
+        models.save_checkpoint(model_dir, checkpoint_state(self.model, self.optimizer, step, best_loss, self.seed,
+                                                           self.identities, self.adversaries), is_best)
+
+
 def run(args):
     rank, world, device = setup_distributed(args.device)
     if rank != 0:
@@ -649,109 +791,18 @@ def train(args, rank, world, device):
         return 0
     faces_a, faces_b, identities = load_both_sides(args, main_rank, identities)
     dtype = utils.pick_precision(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     net = BothSides(model)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = reconstruction_loss(args.loss, edges=args.edges)
-    size = model.input_size
-    view_a, view_b = preview_faces(faces_a, size=size), preview_faces(faces_b, size=size)
-    dataset = StepBatches(faces_a, faces_b, args.batch_size, size, args.seed, rank,
-                          end_start(args, args.no_warp_last, step))
-    tail = decay_tail(args, dataset.warp_until, step)
-    adversaries = make_adversaries(args, model, saved, world, device, dtype)
-    gan_from = end_start(args, args.gan_last, step) if args.gan else None
+    parts = Parts(model, net, optimizer, make_adversaries(args, model, saved, world, device, dtype),
+                  reconstruction_loss(args.loss, edges=args.edges), device, dtype, identities, args.seed)
+    schedule = Schedule(args, step, world)
+    dataset = StepBatches(faces_a, faces_b, args.batch_size, model.input_size, args.seed, rank, schedule.warp_from)
     if main_rank:
-        print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-              f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
-              f"{world} process(es) x {args.batch_size} faces per side; faces A {len(faces_a)}, B {len(faces_b)}")
-        if not step and not args.init:
-            print("starting from scratch")
-        utils.write_json(args.model_dir / "train_settings.json",
-                         dict(utils.settings_dict(args), world_size=world, start_step=step))
-
-    log_path = args.model_dir / "log.csv"
+        announce(args, model, device, dtype, world, (len(faces_a), len(faces_b)), step)
+    step, stop_reason, interrupted = loop(args, parts, dataset, schedule, step, best_loss, main_rank)
     if main_rank:
-        cut_log(log_path, step)
-    new_log = not log_path.exists()
-    log_file = open(log_path, "a", newline="") if main_rank else None
-    log = csv.writer(log_file) if log_file else None
-    if log and new_log:
-        log.writerow(["step", "loss_a", "loss_b", "samples_per_s", "elapsed_s", "adversarial", "critics"])
-    window = []  # losses since the last checkpoint, for the best-checkpoint backup
-    saved_step = step
-    start_time = tick = time.time()
-    tick_step = run_start = step
-    stop_reason, interrupted = "iterations reached", False
-    bar = tqdm(total=args.iterations or None, initial=step, unit="step", disable=not main_rank, dynamic_ncols=True)
-    cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
-    try:
-        batches = iter(batch_loader(dataset, step, args.workers))
-        while True:
-            batch = next(batches)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args, step, tail)
-            if adversaries is not None:
-                adversaries.gan_on = gan_from is not None and step >= gan_from
-            try:
-                loss_a, loss_b = train_step(net, optimizer, batch, loss_fn, device, dtype, scaler,
-                                            adversaries if adversaries is not None and adversaries.active else None)
-            except torch.OutOfMemoryError:
-                raise utils.UserError(f"out of memory at batch size {args.batch_size}; "
-                                      f"try --batch-size {max(1, args.batch_size // 2)}") from None
-            if not (math.isfinite(loss_a) and math.isfinite(loss_b)):
-                raise utils.UserError(
-                    f"loss became NaN/inf at step {step + 1}; the last good checkpoint (step {saved_step}) "
-                    f"is kept in {args.model_dir}. Try --precision fp32 or a lower --lr")
-            step += 1
-            window.append(loss_a + loss_b)
-            bar.update(1)
-            if step % args.log_every == 0 or step == 1:
-                rate = (step - tick_step) * 2 * args.batch_size * world / max(1e-9, time.time() - tick)
-                tick, tick_step = time.time(), step
-                bar.set_postfix(loss_a=f"{loss_a:.4f}", loss_b=f"{loss_b:.4f}", samples_s=f"{rate:.1f}")
-                if log:
-                    adversarial = [f"{v:.6f}" if math.isfinite(v) else "" for v in
-                                   (adversaries.losses if adversaries is not None else (math.nan, math.nan))]
-                    log.writerow([step, f"{loss_a:.6f}", f"{loss_b:.6f}", f"{rate:.2f}",
-                                  f"{time.time() - start_time:.1f}", *adversarial])
-                    log_file.flush()
-            if main_rank and step % args.preview_every == 0:
-                save_preview(args.model_dir / "preview.png", model, view_a, view_b, device)
-            done = bool(args.iterations) and step >= args.iterations
-            # every rank takes part in these checks each step, so all switch and stop at the same step
-            elapsed = time.time() - start_time
-            out_of_time = any_rank(bool(args.minutes) and elapsed >= args.minutes * 60, world)
-            if (dataset.warp_until is None and args.minutes and args.no_warp_last > 0
-                    and any_rank(elapsed >= (1 - args.no_warp_last) * args.minutes * 60, world)):
-                dataset.warp_until = step  # the rest of this run without random warp
-                tail = decay_tail(args, step, run_start)
-                batches = iter(batch_loader(dataset, step, args.workers))
-            if (gan_from is None and args.minutes and args.gan and args.gan_last > 0
-                    and any_rank(elapsed >= (1 - args.gan_last) * args.minutes * 60, world)):
-                gan_from = step  # the rest of this run with the adversarial loss
-            if step % args.save_every == 0 or done or out_of_time:
-                best_loss, is_best = mean_loss_improved(window, best_loss)
-                if main_rank:
-                    save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed,
-                                                                     identities, adversaries), is_best)
-                saved_step = step
-            if done or out_of_time:
-                stop_reason = stop_reason if done else f"{args.minutes:g} minutes reached"
-                break
-    except KeyboardInterrupt:
-        stop_reason, interrupted = "interrupted (Ctrl-C)", True
-        best_loss, is_best = mean_loss_improved(window, best_loss)
-        if main_rank:
-            save_checkpoint(args.model_dir, checkpoint_state(model, optimizer, step, best_loss, args.seed, identities,
-                                                                 adversaries), is_best)
-    finally:
-        bar.close()
-        cv2.setNumThreads(cv2_threads)
-        if log_file:
-            log_file.close()
-    if main_rank:
-        save_preview(args.model_dir / "preview.png", model, view_a, view_b, device)
+        save_preview(args.model_dir / "preview.png", model, dataset.previews, device)
         print(f"stopped at step {step}: {stop_reason}; checkpoint saved to {args.model_dir / models.CHECKPOINT}, "
               f"preview {args.model_dir / 'preview.png'}")
     # saved, but not done: 130 as for any Ctrl-C, so that `train.py && convert_video.py`, demo.py and the
@@ -759,14 +810,81 @@ def train(args, rank, world, device):
     return 130 if interrupted else 0
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # No TF32 matrix products on GPUs (PyTorch's default): the masked loss's SSIM blurs by matrix products, and its
-    # variances, E[x^2] - E[x]^2, cancel; at TF32's 10-bit mantissa its gradient is 12 % off (emulated on real
-    # faces), and lite128 stopped learning on an H100. The models run in bf16 there anyway; convolutions keep TF32.
+def announce(args, model, device, dtype, world, counts, step):
+    """What this run trains, on what, and the settings it was started with (train_settings.json)."""
+    print(f"model {model.config['name']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+          f"device {device}, precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, "
+          f"{world} process(es) x {args.batch_size} faces per side; faces A {counts[0]}, B {counts[1]}")
+    if not step and not args.init:
+        print("starting from scratch")
+    utils.write_json(args.model_dir / "train_settings.json",
+                     dict(utils.settings_dict(args), world_size=world, start_step=step))
+
+
+def loop(args, parts, dataset, schedule, step, best_loss, main_rank):
+    """Train until --iterations, --minutes or Ctrl-C, saving every --save-every steps and at the stop: (the step
+    reached, why it stopped, whether by Ctrl-C)."""
+    log = TrainLog(args.model_dir, step, 2 * args.batch_size * schedule.world) if main_rank else None
+    bar, window, saved_step = progress_bar(args, step, not main_rank), [], step
+    cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
     try:
-        with utils.user_errors():
-            return run(args)
+        batches = iter(batch_loader(dataset, step, args.workers))
+        while True:
+            losses = checked_step(args, parts, next(batches), schedule, step, saved_step)
+            step += 1
+            window.append(sum(losses))
+            rate = log.row(step, *losses, schedule.elapsed(), parts.adversaries) if log and (
+                step % args.log_every == 0 or step == 1) else None
+            show_progress(bar, args, step, schedule, losses, rate)
+            if log and step % args.preview_every == 0:
+                save_preview(args.model_dir / "preview.png", parts.model, dataset.previews, parts.device)
+                log.plot()
+            done, out_of_time, warp_stops = schedule.check(step)
+            if warp_stops:
+                dataset.warp_until = step
+                batches = iter(batch_loader(dataset, step, args.workers))
+            if step % args.save_every == 0 or done or out_of_time:
+                best_loss, saved_step = save(args, parts, step, window, best_loss, main_rank), step
+            if done or out_of_time:
+                return step, "iterations reached" if done else f"{args.minutes:g} minutes reached", False
+    except KeyboardInterrupt:
+        save(args, parts, step, window, best_loss, main_rank)
+        return step, "interrupted (Ctrl-C)", True
+    finally:
+        bar.close()
+        cv2.setNumThreads(cv2_threads)
+        if log:
+            log.plot()
+            log.close()
+
+
+def checked_step(args, parts, batch, schedule, step, saved_step):
+    """(loss_a, loss_b) of one training step, or a UserError for running out of memory or a loss gone NaN."""
+    try:
+        loss_a, loss_b = parts.step(batch, schedule.lr(step), schedule.gan_on(step))
+    except torch.OutOfMemoryError:
+        raise utils.UserError(f"out of memory at batch size {args.batch_size}; "
+                              f"try --batch-size {max(1, args.batch_size // 2)}") from None
+    if not (math.isfinite(loss_a) and math.isfinite(loss_b)):
+        raise utils.UserError(f"loss became NaN/inf at step {step + 1}; the last good checkpoint (step {saved_step}) "
+                              f"is kept in {args.model_dir}. Try --precision fp32 or a lower --lr")
+    return loss_a, loss_b
+
+
+def save(args, parts, step, window, best_loss, main_rank):
+    """Save the checkpoint (and the best-loss copy when the losses since the last save beat it); the best loss."""
+    best_loss, is_best = mean_loss_improved(window, best_loss)
+    if main_rank:
+        parts.save(args.model_dir, step, best_loss, is_best)
+    return best_loss
+
+
+def main(argv=None):
+    # No TF32 matrix products on GPUs (PyTorch's default): the masked loss's SSIM blurs by matrix products, and its
+    # variances, E[x^2] - E[x]^2, cancel; at TF32's 10-bit mantissa its gradient goes wrong (docs/SPEED.md). The
+    # models run in bf16 there anyway; convolutions keep TF32.
+    try:
+        return utils.main(parse_args, run, argv)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -29,12 +29,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, checkout, fastest, report, require_data, timed
+from common import (
+    CLIPS_256,
+    CLIPS_512,
+    ROOT,
+    VIDEOS,
+    checkout,
+    fastest,
+    report,
+    require_data,
+    timed,
+)
 
-import convert_video
+import align
+import blend
+import faces
 import models
+import tensors
 import train
 import utils
+import video
 
 BASELINE_COMMIT = "a0118d6"  # the last commit before faces were followed between frames
 
@@ -49,7 +63,7 @@ def make_checkpoint(model_dir, preset, old_format=False):
         state["config"] = {k: v for k, v in state["config"].items()
                            if k in ("name", "input_size", "encoder_channels", "latent_dim", "decoder_channels")}
     model_dir.mkdir(parents=True, exist_ok=True)
-    train.save_checkpoint(model_dir, state, is_best=False)
+    models.save_checkpoint(model_dir, state, is_best=False)
     return model_dir
 
 
@@ -60,7 +74,7 @@ def timed_convert(script, video, model_dir, out, frames, repeats=1):
                         "--output-path", str(out), "--max-frames", str(frames), "--overwrite"],
                        check=True, capture_output=True)
     seconds = fastest(repeats, once)
-    n = utils.video_info(out)["frames"]  # a clip may be shorter than --frames
+    n = video.video_info(out)["frames"]  # a clip may be shorter than --frames
     return n / seconds, n
 
 
@@ -80,12 +94,12 @@ def tutorial_convert(video, ckpt_path, out_path, max_frames):
         model = models.build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])
         for d in detector(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), 1):
-            l, t, r, b = [int(v) for v in utils.clamp_box([d.left(), d.top(), d.right(), d.bottom()],
+            l, t, r, b = [int(v) for v in align.clamp_box([d.left(), d.top(), d.right(), d.bottom()],
                                                           frame.shape[1], frame.shape[0])]
             face = cv2.resize(frame[t:b, l:r], (256, 256))
             warped, _ = train.random_warp(face, rng, 64)
             with torch.no_grad():
-                out = utils.to_images(model(utils.to_tensor(warped[None]), "b"))[0]
+                out = tensors.to_images(model(tensors.to_tensor(warped[None]), "b"))[0]
             out = cv2.resize(out, (r - l, b - t))
             mask = np.full(out.shape, 255, np.uint8)
             frame = cv2.seamlessClone(out, frame, mask, ((l + r) // 2, (t + b) // 2), cv2.NORMAL_CLONE)
@@ -97,34 +111,34 @@ def tutorial_convert(video, ckpt_path, out_path, max_frames):
 
 def stages(video, model_dir, frames):
     """Frames/s of each stage alone, one process, all cores: where the time goes."""
-    images = [f for _, f in zip(range(frames), utils.FrameSource(video))]
+    images = [f for _, f in zip(range(frames), video.FrameSource(video))]
     rates = {}
     t = time.perf_counter()
-    n = sum(1 for _ in zip(range(frames), utils.FrameSource(video)))
+    n = sum(1 for _ in zip(range(frames), video.FrameSource(video)))
     rates["decode"] = n / (time.perf_counter() - t)
-    tracker = utils.FaceTracker(utils.FaceAnalyzer())
+    tracker = faces.FaceTracker(faces.FaceAnalyzer())
     t = time.perf_counter()
     found = [tracker(f.image) for f in images]
     rates["find_faces_1_core"] = len(images) / (time.perf_counter() - t)
     model, _ = models.load_model(model_dir / models.CHECKPOINT)
     model.to(memory_format=torch.channels_last)
-    faces = [[found[i][0][1]] if found[i] else [] for i in range(len(images))]
-    settings = convert_video.parse_args([])  # convert_video.py's blending defaults
+    chosen = [[found[i][0][1]] if found[i] else [] for i in range(len(images))]
+    settings = blend.BlendSettings()  # convert_video.py's blending defaults
     dtype = utils.pick_precision("auto", torch.device("cpu"))
     size = model.input_size
-    crops = [utils.warp_face(f.image, utils.align_matrix(fl[0], size, 1.0), size) for f, fl in zip(images, faces)
+    crops = [align.warp_face(f.image, align.align_matrix(fl[0], size, 1.0), size) for f, fl in zip(images, chosen)
              if fl]
     t = time.perf_counter()
     with torch.no_grad(), utils.autocast(torch.device("cpu"), dtype):
         for k in range(0, len(crops), 16):
-            model(utils.to_tensor(np.stack(crops[k:k + 16])).contiguous(memory_format=torch.channels_last), "b")
+            model(tensors.to_tensor(np.stack(crops[k:k + 16])).contiguous(memory_format=torch.channels_last), "b")
     rates["model"] = len(crops) / (time.perf_counter() - t)
     t = time.perf_counter()
-    out = [convert_video.paste_face(f.image, c, utils.align_matrix(fl[0], size, 1.0), fl[0], settings)
-           for f, fl, c in zip(images, faces, crops) if fl]
+    out = [blend.paste_face(f.image, c, align.align_matrix(fl[0], size, 1.0), fl[0], settings)
+           for f, fl, c in zip(images, chosen, crops) if fl]
     rates["blend_1_core"] = len(out) / (time.perf_counter() - t)
     with tempfile.TemporaryDirectory() as tmp:
-        writer = convert_video.VideoWriter(Path(tmp) / "x.mp4", 30, images[0].image.shape[1],
+        writer = video.VideoWriter(Path(tmp) / "x.mp4", 30, images[0].image.shape[1],
                                            images[0].image.shape[0])
         t = time.perf_counter()
         for f in images:
@@ -160,18 +174,18 @@ def blend_rates(clips=None, repeats=3, n=40):
     """ms of one core to paste a face (a 64 px crop of the clip's first frame) with convert_video.py's defaults,
     with --detail 0 and 1: the fastest of `repeats` timings of n pastes each, the two settings interleaved."""
     require_data()
-    analyzer = utils.FaceAnalyzer()  # dlib's models, loaded once
-    settings = {detail: convert_video.parse_args(["--detail", str(detail)]) for detail in (0, 1)}
+    analyzer = faces.FaceAnalyzer()  # dlib's models, loaded once
+    settings = {detail: blend.BlendSettings(detail=detail) for detail in (0, 1)}
     rows = []
     for clip in clips or CLIPS_256 + CLIPS_512:
-        frame = next(iter(utils.FrameSource(VIDEOS / clip))).image
-        landmarks = utils.FaceTracker(analyzer)(frame)[0][1]
-        matrix = utils.align_matrix(landmarks, 64, coverage=1.0)
-        face = utils.warp_face(frame, matrix, 64)
+        frame = next(iter(video.FrameSource(VIDEOS / clip))).image
+        landmarks = faces.FaceTracker(analyzer)(frame)[0][1]
+        matrix = align.align_matrix(landmarks, 64, coverage=1.0)
+        face = align.warp_face(frame, matrix, 64)
         best = dict.fromkeys(settings, float("inf"))
         for _ in range(repeats):
             for detail, chosen in settings.items():
-                _, seconds = timed(lambda: [convert_video.paste_face(frame, face, matrix, landmarks, chosen)
+                _, seconds = timed(lambda: [blend.paste_face(frame, face, matrix, landmarks, chosen)
                                             for _ in range(n)])
                 best[detail] = min(best[detail], seconds / n)
         rows.append(dict(clip=clip, size=frame.shape[1], detail_0_ms=round(1000 * best[0], 2),

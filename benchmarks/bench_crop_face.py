@@ -21,10 +21,22 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import CLIPS_256, CLIPS_512, ROOT, VIDEOS, checkout, fastest, report, require_data, timed
+from common import (
+    CLIPS_256,
+    CLIPS_512,
+    ROOT,
+    VIDEOS,
+    checkout,
+    fastest,
+    report,
+    require_data,
+    timed,
+)
 
+import align
 import crop_face
 import crop_from_video
+import records
 import utils
 
 
@@ -39,7 +51,7 @@ def naive_crop(frames, out_dir):
         image = cv2.imread(str(path))
         rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         for k, d in enumerate(detector(rgb, 1)):
-            l, t, r, b = utils.clamp_box([d.left(), d.top(), d.right(), d.bottom()], *image.shape[1::-1])
+            l, t, r, b = align.clamp_box([d.left(), d.top(), d.right(), d.bottom()], *image.shape[1::-1])
             crop = cv2.resize(image[int(t):int(b), int(l):int(r)], (256, 256))
             cv2.imwrite(str(out_dir / f"{path.stem}_{k}.png"), crop)
             found += 1
@@ -47,13 +59,13 @@ def naive_crop(frames, out_dir):
 
 
 def kept_faces(faces_dir):
-    record = utils.read_json(faces_dir / utils.ALIGNMENTS_NAME)["frames"]
+    record = utils.read_json(faces_dir / records.ALIGNMENTS_NAME)["frames"]
     return {name: [r for r in frame["faces"] if r["kept"] is True] for name, frame in record.items()}
 
 
 def wander(faces):
     """Mean distance (px of the aligned face) of each face's eye centres from their mean over the clip."""
-    eyes = np.array([np.concatenate(utils.eye_centres(utils.transform_points(r["landmarks"], r["matrix"])))
+    eyes = np.array([np.concatenate(align.eye_centres(align.transform_points(r["landmarks"], r["matrix"])))
                      for recs in faces.values() for r in recs[:1]])
     return float(np.linalg.norm((eyes - eyes.mean(0)).reshape(-1, 2, 2), axis=2).max(1).mean()) if len(eyes) else None
 

@@ -20,7 +20,6 @@ their trunk (kept at each budget's step in <out>/<pair>/trunks/), so each of the
 """
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -39,6 +38,7 @@ import crop_face
 import crop_from_video
 import demo
 import evaluate
+import faces
 import models
 import train
 import utils
@@ -255,7 +255,7 @@ def calibrate_phase(flags, faces, work, seconds, end, **on):
     cal = work / "calibration"
     shutil.rmtree(cal, ignore_errors=True)
     if flags == "tutorial":
-        faces_a, faces_b = (train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB")
+        faces_a, faces_b = (train.load_training_faces(faces[s][0], quiet=True) for s in "AB")
         times = []
         for state in tutorial.steps(faces_a, faces_b):
             times.append(state["seconds"])
@@ -347,7 +347,7 @@ def contact_sheet(test_frames, swapped, path):
     """SHEET_FRAMES held-out frames, one row each: the source face, then each conversion's, at SHEET_SIZE px."""
     frames = utils.list_images(test_frames)
     picks = [frames[round(k * (len(frames) - 1) / (SHEET_FRAMES + 1))] for k in range(1, SHEET_FRAMES + 1)]
-    analyzer = utils.FaceAnalyzer()
+    analyzer = faces.FaceAnalyzer()
     rows = []
     for frame in picks:
         source = utils.read_image(frame)
@@ -437,7 +437,7 @@ def keep_model(path, folder, trained):
     """This budget's model, weights only (what convert_video.py needs), and where it was trained."""
     ckpt = models.load_checkpoint(path)
     folder.mkdir(parents=True, exist_ok=True)
-    train.save_checkpoint(folder, {k: ckpt[k] for k in ("model", "config", "step", "identities") if k in ckpt},
+    models.save_checkpoint(folder, {k: ckpt[k] for k in ("model", "config", "step", "identities") if k in ckpt},
                           is_best=False)
     utils.write_json(folder / "trained.json", trained)
 
@@ -459,15 +459,14 @@ def fill_identities(path, faces):
     ckpt = models.load_checkpoint(path)
     if ckpt.get("identities"):
         return
-    ckpt["identities"] = {s.lower(): train.load_training_faces(faces[s][0], quiet=True, identity=True)[1]
-                          for s in "AB"}
-    train.save_checkpoint(path.parent, ckpt, is_best=False)
+    ckpt["identities"] = {s.lower(): train.person_identity(faces[s][0]) for s in "AB"}
+    models.save_checkpoint(path.parent, ckpt, is_best=False)
 
 
 def tutorial_loop(faces, path):
     """The tutorial's loop, going on from the checkpoint at `path` if an earlier run left one."""
     resume = models.load_checkpoint(path) if path.is_file() else None
-    return tutorial.steps(*(train.load_training_faces(faces[s][0], quiet=True)[0] for s in "AB"), resume=resume)
+    return tutorial.steps(*(train.load_training_faces(faces[s][0], quiet=True) for s in "AB"), resume=resume)
 
 
 def train_tutorial(loop, steps, model_dir, save_every=TUTORIAL_SAVE_EVERY):
@@ -482,7 +481,7 @@ def train_tutorial(loop, steps, model_dir, save_every=TUTORIAL_SAVE_EVERY):
         state = next(loop)
         done = state["step"]
         if done == steps or done % save_every == 0:
-            train.save_checkpoint(model_dir, tutorial.checkpoint(state), is_best=False)
+            models.save_checkpoint(model_dir, tutorial.checkpoint(state), is_best=False)
     return model_dir
 
 
@@ -520,8 +519,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.stage != "train" and not (args.calibrate_only and args.device != "cpu"):
         require_data()
-    elif importlib.util.find_spec("dlib") is None:  # a GPU machine without dlib: --stage evaluate adds them
-        train.person_identity = lambda faces, landmarks: None
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

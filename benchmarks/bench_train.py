@@ -42,7 +42,7 @@ def extract_faces(tmp, frames):
 
 
 def prepare_faces(tmp, frames):
-    return [train.load_training_faces([folder], quiet=True)[0] for folder in extract_faces(tmp, frames)]
+    return [train.load_training_faces([folder], quiet=True) for folder in extract_faces(tmp, frames)]
 
 
 def tutorial_steps(faces_a, faces_b, batch_size, steps):

@@ -27,6 +27,7 @@ from common import ROOT, VIDEOS, require_data
 import crop_face
 import crop_from_video
 import models
+import records
 import train
 import utils
 
@@ -58,7 +59,7 @@ def extract(work, per_clip=0):
             paths = utils.list_images(faces)
             for i in np.unique(np.linspace(0, len(paths) - 1, min(per_clip, len(paths))).astype(int)):
                 os.link(paths[i], picked / paths[i].name)
-            shutil.copy(faces / utils.ALIGNMENTS_NAME, picked)
+            shutil.copy(faces / records.ALIGNMENTS_NAME, picked)
             faces = picked
         folders.append(faces)
     return folders
@@ -70,7 +71,7 @@ def export(model_dir, out, budget, model, folders, where, batch):
     state = dict(model={k: v.half() for k, v in ckpt["model"].items()}, config=ckpt["config"], step=ckpt["step"],
                  base_of=sorted(BASE_CLIPS))
     out.parent.mkdir(parents=True, exist_ok=True)
-    train.save_checkpoint(out.parent, state, is_best=False)
+    models.save_checkpoint(out.parent, state, is_best=False)
     (out.parent / models.CHECKPOINT).replace(out)
     faces = sum(len(utils.list_images(p)) for p in folders)
     card = [f"# {out.name}: a pretrained base for the `{model}` preset", "",

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
@@ -76,7 +77,7 @@ def make_clip(path, frames, fps=30, audio_seconds=None, rotation=0, times=None, 
     import av
     import numpy as np
 
-    import convert_video
+    import video as video_io
 
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as out:
@@ -89,7 +90,7 @@ def make_clip(path, frames, fps=30, audio_seconds=None, rotation=0, times=None, 
             video.set_display_rotation(rotation)
         audio = out.add_stream("aac", rate=16000) if audio_seconds else None
         for i, f in enumerate(frames):
-            frame = convert_video.bgr_to_frame(f)
+            frame = video_io.bgr_to_frame(f)
             if times is None:
                 frame.pts = i
             else:

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 from conftest import OBAMA, make_clip, need_data, run_main
 
+import align
+import blend
 import convert_video
 import models
-import train
+import records
+import tensors
 import utils
+import video
 
 GRAY = list(range(20, 25))  # frames with no face in the test clip
 
@@ -19,7 +23,7 @@ GRAY = list(range(20, 25))  # frames with no face in the test clip
 def clip_with_audio(tmp_path_factory):
     """60 Obama frames (frames 20-24 replaced by a blank wall) and 2 s of audio."""
     need_data()
-    frames = [f for _, f in zip(range(60), utils.read_video(OBAMA))]
+    frames = [f for _, f in zip(range(60), video.read_video(OBAMA))]
     for i in GRAY:
         frames[i] = np.full_like(frames[i], 90)
     return make_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", frames, audio_seconds=2.0), frames
@@ -31,7 +35,7 @@ def run(argv, capsys):
 
 def first_frame_and_face(faces_fixture):
     """The first frame of a frames_and_faces fixture and its kept face's 68 landmarks (from alignments.json)."""
-    record = json.loads((faces_fixture / "faces" / utils.ALIGNMENTS_NAME).read_text())["frames"]["000000.png"]
+    record = json.loads((faces_fixture / "faces" / records.ALIGNMENTS_NAME).read_text())["frames"]["000000.png"]
     landmarks = np.array(next(r for r in record["faces"] if r["kept"] is True)["landmarks"], float)
     return utils.read_image(faces_fixture / "frames" / "000000.png"), landmarks
 
@@ -41,7 +45,7 @@ def test_video_keeps_format_audio_and_untouched_pixels(clip_with_audio, tiny_mod
     out = tmp_path / "out.mp4"
     code, io = run(["--video-path", str(clip), "--model-dir", str(tiny_model), "--output-path", str(out)], capsys)
     assert code == 0, io.err
-    src, dst = utils.video_info(clip), utils.video_info(out)
+    src, dst = video.video_info(clip), video.video_info(out)
     assert (dst["frames"], dst["fps"], dst["width"], dst["height"]) == (60, 30.0, 256, 256)
     assert (src["frames"], src["width"]) == (60, 256)
     with av.open(str(out)) as c:
@@ -52,7 +56,7 @@ def test_video_keeps_format_audio_and_untouched_pixels(clip_with_audio, tiny_mod
     with av.open(str(clip)) as c:
         source_packets = sum(1 for p in c.demux(c.streams.audio[0]) if p.size)
     assert audio_packets == source_packets >= 31  # 2 s of AAC at 16 kHz, 1024 samples a packet
-    converted = list(utils.read_video(out))
+    converted = list(video.read_video(out))
     for i, (a, b) in enumerate(zip(frames, converted)):
         diff = np.abs(a.astype(int) - b)
         if i in GRAY:
@@ -90,9 +94,9 @@ def test_side_by_side_and_label(clip_with_audio, tiny_model, tmp_path, capsys):
                     "--side-by-side", "--label", "--max-frames", "10", "--start-frame", "15",
                     "--color", "avg", "--seamless"], capsys)
     assert code == 0, io.err
-    info = utils.video_info(out)
+    info = video.video_info(out)
     assert (info["frames"], info["width"], info["height"], info["has_audio"]) == (10, 512, 256, False)
-    first = next(utils.read_video(out))
+    first = next(video.read_video(out))
     assert np.abs(first[:, :256].astype(int) - frames[15]).mean() < 2.0  # left half: the original
     label = first[230:252, 258:330]  # bottom left of the right half: white text on a black box
     assert label.min() < 30 and label.max() > 200 and (label < 30).mean() > 0.5
@@ -128,7 +132,7 @@ def test_a_checkpoint_without_identities_swaps_the_largest_face(tiny_model, tmp_
     ckpt = models.load_checkpoint(tiny_model / models.CHECKPOINT)
     ckpt["identities"] = None
     (tmp_path / "model").mkdir()
-    train.save_checkpoint(tmp_path / "model", ckpt, is_best=False)
+    models.save_checkpoint(tmp_path / "model", ckpt, is_best=False)
     args = convert_video.parse_args(["--model-dir", str(tmp_path / "model")])
     assert convert_video.person_to_swap(args, ckpt, "b") == (None, False)
     del ckpt["identities"]
@@ -151,7 +155,7 @@ def test_ctrl_c_leaves_no_output(clip_with_audio, tiny_model, tmp_path, capsys, 
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_video, "paste_face", interrupt)
+    monkeypatch.setattr(blend, "paste_face", interrupt)
     code, io = run(["--video-path", str(clip), "--model-dir", str(tiny_model), "--output-path",
                     str(tmp_path / "o.mp4"), "--workers", "1"], capsys)
     assert code == 130 and io.err.strip().endswith("interrupted") and "Traceback" not in io.err
@@ -162,25 +166,24 @@ def test_video_writer_leaves_no_temp_file_when_it_cannot_start(tmp_path):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video")
     with pytest.raises(av.FFmpegError):
-        convert_video.VideoWriter(tmp_path / "out.mp4", 30, 64, 64, audio_from=junk)
+        video.VideoWriter(tmp_path / "out.mp4", 30, 64, 64, audio_from=junk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.mp4"]
 
 
 def test_learned_mask_limits_what_is_pasted(obama_faces):
     """--mask: the model's own mask (a 4th output channel) cuts the pasted region; the hull alone ignores it."""
-    from types import SimpleNamespace
     frame, landmarks = first_frame_and_face(obama_faces)
     size = 128
-    matrix = utils.align_matrix(landmarks, size, coverage=1.0)
+    matrix = align.align_matrix(landmarks, size, coverage=1.0)
     face = np.full((size, size, 3), 255, np.uint8)  # a white face: every pasted pixel changes
     top_half = np.zeros((size, size), np.float32)
     top_half[:size // 2] = 1
 
     def changed(mask, face_mask):
-        settings = SimpleNamespace(color="none", mask=mask, mask_erode=convert_video.MASK_ERODE,
-                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=0,
-                                   detail=0)
-        out = convert_video.paste_face(frame, face, matrix, landmarks, settings, face_mask)
+        settings = blend.BlendSettings(color="none", mask=mask, mask_erode=convert_video.MASK_ERODE,
+                                       mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=0,
+                                       detail=0)
+        out = blend.paste_face(frame, face, matrix, landmarks, settings, face_mask)
         return (out != frame).any(2)
 
     hull = changed("hull", None)
@@ -188,32 +191,31 @@ def test_learned_mask_limits_what_is_pasted(obama_faces):
     assert np.array_equal(changed("hull", top_half), hull)  # the hull ignores the learned mask
     both = changed("both", top_half)
     assert 0.2 * hull.sum() < both.sum() < 0.8 * hull.sum() and not (both & ~hull).any()
-    assert not both[int(landmarks[utils.MOUTH][:, 1].max()) + 2:].any()  # nothing below the mouth is pasted
+    assert not both[int(landmarks[align.MOUTH][:, 1].max()) + 2:].any()  # nothing below the mouth is pasted
     assert not changed("learned", np.zeros((size, size), np.float32)).any()
 
 
 def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_faces):
     """--sharpen auto: a face drawn at 64 px and enlarged gains fine detail, up to the face it replaces; over a
     soft (blurred) video it adds nothing beyond that video's own detail. A bad amount is a one-line error."""
-    from types import SimpleNamespace
     sharp, landmarks = first_frame_and_face(obama_faces)
 
     def pasted(frame, sharpen):
-        matrix = utils.align_matrix(landmarks, 64)
+        matrix = align.align_matrix(landmarks, 64)
         face = cv2.warpAffine(frame, matrix, (64, 64), flags=cv2.INTER_AREA)  # what a 64 px model draws at best
-        settings = SimpleNamespace(color="none", mask="hull", mask_erode=convert_video.MASK_ERODE,
-                                   mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False, sharpen=sharpen,
-                                   detail=0)
-        return utils.sharpness(convert_video.paste_face(frame, face, matrix, landmarks, settings), landmarks)
+        settings = blend.BlendSettings(color="none", mask="hull", mask_erode=convert_video.MASK_ERODE,
+                                       mask_blur=convert_video.MASK_BLUR, brow_lift=1.0, seamless=False,
+                                       sharpen=sharpen, detail=0)
+        return align.sharpness(blend.paste_face(frame, face, matrix, landmarks, settings), landmarks)
 
-    source, soft, auto = utils.sharpness(sharp, landmarks), pasted(sharp, 0), pasted(sharp, "auto")
+    source, soft, auto = align.sharpness(sharp, landmarks), pasted(sharp, 0), pasted(sharp, "auto")
     assert soft < 0.6 * source  # enlarging a 64 px face loses detail ...
     assert soft * 1.3 < auto <= source * 1.02  # ... auto gives much of it back, never more than the source has
     assert pasted(sharp, 1.5) > soft * 1.3  # a fixed amount sharpens too
 
     blurred = cv2.GaussianBlur(sharp, (0, 0), 2.0)
     # over a soft video it adds nothing: no more than that video's detail, or what pasting alone gives
-    assert pasted(blurred, "auto") <= 1.02 * max(utils.sharpness(blurred, landmarks), pasted(blurred, 0))
+    assert pasted(blurred, "auto") <= 1.02 * max(align.sharpness(blurred, landmarks), pasted(blurred, 0))
 
     for bad in ("-1", "lots"):
         with pytest.raises(SystemExit) as e:
@@ -225,17 +227,17 @@ def test_detail_keeps_the_replaced_faces_texture_but_not_its_edges(obama_faces):
     """--detail: the band finer than the model's pixels comes from the face being replaced, limited in amplitude:
     its skin texture and grain carry over, the strong edges of its eyes and mouth (its features) do not."""
     frame, landmarks = first_frame_and_face(obama_faces)
-    matrix = utils.align_matrix(landmarks, 64)
+    matrix = align.align_matrix(landmarks, 64)
     flat = np.full((64, 64, 3), 128, np.uint8)  # a face without detail: what detail the paste has is the source's
-    inside = cv2.erode(utils.face_hull_mask(landmarks, frame.shape), np.ones((15, 15))) > 0.5  # off the feather
+    inside = cv2.erode(align.face_hull_mask(landmarks, frame.shape), np.ones((15, 15))) > 0.5  # off the feather
 
     def band(image):
-        return convert_video.fine_band(image.astype(np.float32), utils.matrix_scale(matrix) ** -1)[inside]
+        return blend.fine_band(image.astype(np.float32), align.matrix_scale(matrix) ** -1)[inside]
 
     def pasted(detail):
-        settings = convert_video.parse_args(["--color", "none", "--mask", "hull", "--sharpen", "0",
-                                             "--detail", str(detail)])
-        return band(convert_video.paste_face(frame, flat, matrix, landmarks, settings))
+        settings = blend.BlendSettings.from_args(convert_video.parse_args(
+            ["--color", "none", "--mask", "hull", "--sharpen", "0", "--detail", str(detail)]))
+        return band(blend.paste_face(frame, flat, matrix, landmarks, settings))
 
     source, none, once, twice = band(frame), pasted(0), pasted(1), pasted(2)
     assert none.std() < 0.3  # the flat face alone
@@ -262,7 +264,7 @@ def test_auto_precision_is_fp32_on_a_cpu_without_amx_and_the_swap_matches_bf16(o
     torch.manual_seed(0)
     model = models.build_model(models.model_config("tiny")).eval().to(memory_format=torch.channels_last)
     faces = [utils.read_image(p) for p in utils.list_images(obama_faces / "faces")[:4]]
-    x = utils.to_tensor(np.stack([cv2.resize(f[48:208, 48:208], (64, 64)) for f in faces]))
+    x = tensors.to_tensor(np.stack([cv2.resize(f[48:208, 48:208], (64, 64)) for f in faces]))
     with torch.no_grad():
         fp32 = model(x.contiguous(memory_format=torch.channels_last), "b")
         with torch.autocast("cpu", dtype=torch.bfloat16):

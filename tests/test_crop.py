@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from conftest import ANDREW, OBAMA, VIDEOS, need_data, run_main
 
+import align
 import crop_face
 import crop_from_video
+import records
 import utils
 
 
@@ -24,8 +26,8 @@ def test_frames_are_padded_sorted_and_described(tmp_path):
     assert utils.read_image(out / names[0]).shape == (256, 256, 3)
     # every setting recorded is one that identifies the frames (resume and crop_face.py read the same keys)
     record = crop_from_video.source_record(crop_from_video.parse_args(["--video-path", str(OBAMA)]), None)
-    assert set(record) - {"source"} == set(utils.FRAMES_SOURCE_KEYS)
-    assert {k: meta[k] for k in utils.FRAMES_SOURCE_KEYS} == crop_face.frames_identity(out)
+    assert set(record) - {"source"} == set(records.FRAMES_SOURCE_KEYS)
+    assert {k: meta[k] for k in records.FRAMES_SOURCE_KEYS} == crop_face.frames_identity(out)
 
 
 def test_time_range_selects_frames(tmp_path):
@@ -88,12 +90,12 @@ def test_unwritable_save_dir(tmp_path, capsys):
     assert code == 1 and "cannot write" in err
 
 
-def template_eye_centres(size=utils.FACE_SIZE, coverage=utils.FACE_COVERAGE):
+def template_eye_centres(size=align.FACE_SIZE, coverage=align.FACE_COVERAGE):
     """Where the template puts the eye centres in an aligned face (pixels)."""
     inner = size * coverage
     points = np.zeros((68, 2))
-    points[utils.ALIGN_POINTS] = utils.MEAN_FACE * inner + (size - inner) / 2
-    return utils.eye_centres(points)
+    points[align.ALIGN_POINTS] = align.MEAN_FACE * inner + (size - inner) / 2
+    return align.eye_centres(points)
 
 
 def kept_faces(frame):
@@ -105,7 +107,7 @@ def test_faces_found_and_eyes_aligned(obama_faces, andrew_faces):
     """>= 98% of frames have a face; eye centres stay put across frames and near the template."""
     tl, tr = template_eye_centres()
     for root in (obama_faces, andrew_faces):
-        data = json.loads((root / "faces" / utils.ALIGNMENTS_NAME).read_text())
+        data = json.loads((root / "faces" / records.ALIGNMENTS_NAME).read_text())
         frames = {name: kept_faces(frame) for name, frame in data["frames"].items()}
         assert len(frames) == 120
         assert sum(1 for recs in frames.values() if recs) / len(frames) >= 0.98
@@ -114,7 +116,7 @@ def test_faces_found_and_eyes_aligned(obama_faces, andrew_faces):
             for r in recs:
                 face = utils.read_image(root / "faces" / r["face"])
                 assert face.shape == (256, 256, 3)
-                eyes.append(np.concatenate(utils.eye_centres(utils.transform_points(r["landmarks"], r["matrix"]))))
+                eyes.append(np.concatenate(align.eye_centres(align.transform_points(r["landmarks"], r["matrix"]))))
         eyes = np.array(eyes)
         spread = np.linalg.norm((eyes - eyes.mean(0)).reshape(-1, 2, 2), axis=2).max(1)
         assert spread.mean() <= 3.0, f"eye centres wander {spread.mean():.2f} px across frames"
@@ -124,10 +126,10 @@ def test_faces_found_and_eyes_aligned(obama_faces, andrew_faces):
 
 def test_alignment_matrix_matches_saved_face(obama_faces):
     """The stored matrix reproduces the stored face from the source frame (tools can rely on it)."""
-    data = json.loads((obama_faces / "faces" / utils.ALIGNMENTS_NAME).read_text())
+    data = json.loads((obama_faces / "faces" / records.ALIGNMENTS_NAME).read_text())
     rec = kept_faces(data["frames"]["000010.png"])[0]
     frame = utils.read_image(obama_faces / "frames" / "000010.png")
-    again = utils.warp_face(frame, np.array(rec["matrix"]), 256)
+    again = align.warp_face(frame, np.array(rec["matrix"]), 256)
     saved = utils.read_image(obama_faces / "faces" / rec["face"])
     assert np.abs(again.astype(int) - saved).mean() < 1.0
 
@@ -199,10 +201,10 @@ def test_umeyama_recovers_a_similarity_and_never_reflects():
     src = rng.normal(size=(51, 2)) * 40
     angle, scale, shift = 0.7, 1.8, np.array([12.0, -5.0])
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    fit = utils.umeyama(src, src @ (scale * rotation).T + shift)
+    fit = align.umeyama(src, src @ (scale * rotation).T + shift)
     assert np.allclose(fit[:2], np.hstack([scale * rotation, shift[:, None]]), atol=1e-9)
-    assert np.allclose(utils.umeyama(src, src @ rotation.T, estimate_scale=False)[:2, :2], rotation, atol=1e-9)
+    assert np.allclose(align.umeyama(src, src @ rotation.T, estimate_scale=False)[:2, :2], rotation, atol=1e-9)
     # a mirrored target: the best proper rotation (determinant > 0), as Umeyama's SVD form gives
-    mirrored = utils.umeyama(src, src * [-1, 1])[:2, :2]
+    mirrored = align.umeyama(src, src * [-1, 1])[:2, :2]
     assert np.linalg.det(mirrored) > 0
-    assert np.isnan(utils.umeyama(np.ones((5, 2)), src[:5])).all()  # all points in one place: no fit
+    assert np.isnan(align.umeyama(np.ones((5, 2)), src[:5])).all()  # all points in one place: no fit

@@ -9,6 +9,7 @@ import demo
 import models
 import train
 import utils
+import video
 
 
 @pytest.mark.slow
@@ -36,7 +37,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
         assert (out / path).is_file(), path
         assert str(out / path.split("/")[0]) in printed
     assert len(utils.list_images(out / "personA")) == 40
-    assert utils.video_info(out / "swapped.mp4")["frames"] == utils.video_info(OBAMA)["frames"]
+    assert video.video_info(out / "swapped.mp4")["frames"] == video.video_info(OBAMA)["frames"]
     result = json.loads((out / "evaluation.json").read_text())
     assert set(result["reconstruction"]) == {"A->A", "B->B"}
     assert result["identity"]["gallery_size"] == 3 and "biden" in result["identity"]["gallery"]

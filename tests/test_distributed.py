@@ -27,7 +27,7 @@ def fixed_batch():
 
 def grads_of(net, batch):
     warped_a, target_a, warped_b, target_b = batch
-    out_a, out_b = net(warped_a, warped_b)
+    out_a, out_b = net(warped_a, warped_b)[:2]
     (F.l1_loss(out_a, target_a) + F.l1_loss(out_b, target_b)).backward()
     return {k: p.grad.clone() for k, p in net.named_parameters()}
 
@@ -64,13 +64,15 @@ def test_torchrun_run_saves_on_rank0_and_resumes_in_one_process(obama_faces, and
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(ROOT / "train.py"), "--faces-a", str(obama_faces / "faces"), "--faces-b",
            str(andrew_faces / "faces"), "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "4",
-           "--iterations", "3", "--workers", "0", "--precision", "fp32", "--device", "cpu"]
+           "--iterations", "3", "--workers", "0", "--precision", "fp32", "--device", "cpu",
+           "--gan", "0.1", "--gan-last", "0.5", "--likeness", "0.05"]  # the critics under DDP too
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es) x 4 faces per side" in proc.stdout
     ckpt = models.load_checkpoint(model_dir / models.CHECKPOINT)
     assert ckpt["step"] == 3 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert ckpt["critics_optimizer"]["state"] and not any(k.startswith("module.") for k in ckpt["critics"])
     assert train.main(["--faces-a", str(obama_faces / "faces"), "--faces-b", str(andrew_faces / "faces"),
                        "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "4", "--iterations", "5",
                        "--workers", "0", "--precision", "fp32"]) == 0

@@ -7,8 +7,12 @@ import pytest
 import torch
 from conftest import DATA, OBAMA, VIDEOS, make_clip, need_data
 
+import align
 import evaluate
+import faces
+import tensors
 import utils
+import video
 
 IMAGES = DATA / "images" / "facerec"
 HILL = VIDEOS / "sadtalker_WDA_KatieHill_000.mp4"
@@ -22,13 +26,13 @@ def test_identical_images_zero_landmark_error_and_infinite_psnr():
     assert evaluate.psnr(img, img) == float("inf")
     assert evaluate.psnr(img, np.clip(img.astype(int) + 1, 0, 255).astype(np.uint8)) > 45
     x = torch.rand(2, 3, 32, 32)
-    assert float(utils.ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
-    assert float(utils.ssim(x, torch.rand(2, 3, 32, 32))) < 0.2
+    assert float(tensors.ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(tensors.ssim(x, torch.rand(2, 3, 32, 32))) < 0.2
 
 
 def test_identity_distances_on_real_photos():
     need_data()
-    analyzer, embedder = utils.FaceAnalyzer(), utils.FaceEmbedder()
+    analyzer, embedder = faces.FaceAnalyzer(), faces.FaceEmbedder()
 
     def embed(name):
         image = utils.read_image(IMAGES / name)
@@ -53,7 +57,7 @@ def gallery(tmp_path_factory):
         for f in files:
             (folder / person / f).symlink_to(IMAGES / f)
     (folder / "katie_hill").mkdir()
-    for i, frame in zip(range(3), utils.read_video(HILL)):
+    for i, frame in zip(range(3), video.read_video(HILL)):
         utils.write_image(folder / "katie_hill" / f"{i}.png", frame)
     return folder
 
@@ -67,7 +71,7 @@ def evaluate_clip(converted, source, faces, tmp_path, *extra):
 def test_source_against_itself(obama_faces, andrew_faces, gallery, tmp_path):
     """An unswapped video evaluated as 'converted': A retrieved among 6 people, no pose or landmark error,
     sharpness and flicker ratio 1."""
-    frames = [f for _, f in zip(range(20), utils.read_video(OBAMA))]
+    frames = [f for _, f in zip(range(20), video.read_video(OBAMA))]
     clip = make_clip(tmp_path / "same.mp4", frames)
     result = evaluate_clip(clip, clip, (obama_faces, andrew_faces), tmp_path, "--gallery", str(gallery),
                            "--name-a", "obama", "--direction", "b2a")
@@ -89,7 +93,7 @@ def test_source_against_itself(obama_faces, andrew_faces, gallery, tmp_path):
 
 
 def test_blurred_copy_is_much_less_sharp(obama_faces, andrew_faces, tmp_path):
-    frames = [f for _, f in zip(range(12), utils.read_video(OBAMA))]
+    frames = [f for _, f in zip(range(12), video.read_video(OBAMA))]
     (tmp_path / "src").mkdir()
     (tmp_path / "blur").mkdir()
     for i, f in enumerate(frames):
@@ -106,33 +110,33 @@ def test_feature_scale_sharpness_is_not_fooled_by_a_noisy_blob():
     above the real face on the Laplacian's fine detail, and near zero at the scale of the facial features;
     a face enlarged 4x from a quarter of the resolution keeps its features."""
     need_data()
-    analyzer = utils.FaceAnalyzer()
+    analyzer = faces.FaceAnalyzer()
     rng = np.random.default_rng(0)
-    for video in (OBAMA, HILL):
-        frame = next(iter(utils.read_video(video)))
+    for clip in (OBAMA, HILL):
+        frame = next(iter(video.read_video(clip)))
         landmarks = analyzer.analyze(frame)[0][1]
-        interior = utils.face_interior_mask(landmarks, frame.shape)
-        hull = cv2.GaussianBlur(utils.face_hull_mask(landmarks, frame.shape[:2]), (0, 0), 3)[..., None]
-        smooth = cv2.GaussianBlur(frame, (0, 0), utils.inter_ocular(landmarks) / 6) + rng.normal(0, 6, frame.shape)
+        interior = align.face_interior_mask(landmarks, frame.shape)
+        hull = cv2.GaussianBlur(align.face_hull_mask(landmarks, frame.shape[:2]), (0, 0), 3)[..., None]
+        smooth = cv2.GaussianBlur(frame, (0, 0), align.inter_ocular(landmarks) / 6) + rng.normal(0, 6, frame.shape)
         blob = np.clip(frame * (1 - hull) + smooth * hull, 0, 255).astype(np.uint8)
         quarter = cv2.resize(cv2.resize(frame, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA),
                              frame.shape[1::-1], interpolation=cv2.INTER_CUBIC)
 
         def ratios(image):
-            return (utils.sharpness(image, landmarks, interior) / utils.sharpness(frame, landmarks, interior),
+            return (align.sharpness(image, landmarks, interior) / align.sharpness(frame, landmarks, interior),
                     evaluate.feature_sharpness(image, landmarks, interior) /
                     evaluate.feature_sharpness(frame, landmarks, interior))
 
         assert ratios(frame) == (1.0, 1.0)
         fine, features = ratios(blob)
-        assert fine > 1.0 and features < 0.15, (video.name, fine, features)
+        assert fine > 1.0 and features < 0.15, (clip.name, fine, features)
         fine, features = ratios(quarter)
-        assert fine < 0.1 and features > 0.2, (video.name, fine, features)
+        assert fine < 0.1 and features > 0.2, (clip.name, fine, features)
 
 
 def test_another_gallery_person_is_retrieved(obama_faces, andrew_faces, gallery, tmp_path):
     """Frames of Katie Hill 'converted' from themselves retrieve Katie Hill, not A or B."""
-    frames = [f for _, f in zip(range(6), utils.read_video(HILL))]
+    frames = [f for _, f in zip(range(6), video.read_video(HILL))]
     (tmp_path / "hill").mkdir()
     for i, f in enumerate(frames[3:]):  # not the frames in the gallery
         utils.write_image(tmp_path / "hill" / f"{i:03d}.png", f)
@@ -147,11 +151,11 @@ def test_head_pose_of_a_mirrored_face():
     """Mirroring a photo flips yaw and roll, keeps pitch."""
     need_data()
     image = utils.read_image(IMAGES / "obama2.jpg")
-    analyzer = utils.FaceAnalyzer()
+    analyzer = faces.FaceAnalyzer()
     (_, landmarks), = analyzer.analyze(image)
     (_, mirrored), = analyzer.analyze(np.ascontiguousarray(image[:, ::-1]))
-    yaw, pitch, roll = utils.head_pose(landmarks, image.shape)
-    m_yaw, m_pitch, m_roll = utils.head_pose(mirrored, image.shape)
+    yaw, pitch, roll = align.head_pose(landmarks, image.shape)
+    m_yaw, m_pitch, m_roll = align.head_pose(mirrored, image.shape)
     assert abs(yaw) > 10 and abs(yaw + m_yaw) < 3 and abs(roll + m_roll) < 3 and abs(pitch - m_pitch) < 3
 
 
@@ -174,8 +178,8 @@ def test_ssim_inside_the_mask_ignores_the_outside():
     y[..., :, 40:] = torch.rand(1, 3, 64, 24)  # damage the right part only
     mask = torch.zeros(1, 1, 64, 64)
     mask[..., :, :24] = 1
-    assert float(utils.ssim(x, y, mask=mask)) == pytest.approx(1.0, abs=1e-4)
-    assert float(utils.ssim(x, y)) < 0.8
+    assert float(tensors.ssim(x, y, mask=mask)) == pytest.approx(1.0, abs=1e-4)
+    assert float(tensors.ssim(x, y)) < 0.8
 
 
 def test_missing_inputs(tmp_path, capsys):

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from conftest import ANDREW, DATA, OBAMA, VIDEOS, need_data, run_main
 
+import align
 import convert_video
 import crop_face
 import crop_from_video
+import faces
+import records
 import utils
 
 PHOTOS = DATA / "images" / "facerec"
@@ -17,16 +20,16 @@ HAMILTON = VIDEOS / "facerec_short_hamilton_clip.mp4"
 
 
 def kept(faces_dir):
-    record = json.loads((faces_dir / utils.ALIGNMENTS_NAME).read_text())["frames"]
+    record = json.loads((faces_dir / records.ALIGNMENTS_NAME).read_text())["frames"]
     return [r for frame in record.values() for r in frame["faces"] if r["kept"] is True]
 
 
 def embeddings_of(faces_dir, records):
-    embedder = utils.FaceEmbedder()
+    embedder = faces.FaceEmbedder()
     out = []
     for r in records:
         face = utils.read_image(faces_dir / r["face"])
-        out.append(embedder.embed(face, utils.transform_points(r["landmarks"], r["matrix"])))
+        out.append(embedder.embed(face, align.transform_points(r["landmarks"], r["matrix"])))
     return np.array(out)
 
 
@@ -43,11 +46,11 @@ def test_reference_keeps_only_that_person_and_automatic_mode_finds_the_same(hami
     assert crop_face.main(["--images-dir", str(hamilton_frames), "--faces-dir", str(tmp_path / "ref"),
                            "--reference", str(reference)]) == 0
     chosen = kept(tmp_path / "ref")
-    target = utils.reference_embeddings([reference])[0]
+    target = faces.reference_embeddings([reference])[0]
     distances = np.linalg.norm(embeddings_of(tmp_path / "ref", chosen) - target, axis=1)
     assert len(chosen) >= 60 and (distances < 0.6).all()  # only him (the embedding check)
     assert len({r["frame"] for r in chosen}) == len(chosen)  # one face per frame
-    rejected = [r for frame in json.loads((tmp_path / "ref" / utils.ALIGNMENTS_NAME).read_text())["frames"].values()
+    rejected = [r for frame in json.loads((tmp_path / "ref" / records.ALIGNMENTS_NAME).read_text())["frames"].values()
                 for r in frame["faces"] if r["kept"] == "another person"]
     assert rejected and all((tmp_path / "ref" / "rejected" / r["face"]).exists() for r in rejected)
     capsys.readouterr()
@@ -70,12 +73,12 @@ def test_reference_keeps_obama_in_two_person_photos(photo, tmp_path):
     assert crop_face.main(["--images-dir", str(tmp_path / "frames"), "--faces-dir", str(tmp_path / "faces"),
                            "--reference", str(PHOTOS / "obama.jpg"), "--workers", "1", "--upsample", "1"]) == 0
     (face,) = kept(tmp_path / "faces")
-    obama = utils.reference_embeddings([PHOTOS / "obama.jpg"])[0]
-    biden = utils.reference_embeddings([PHOTOS / "biden2.jpg"])[0]
+    obama = faces.reference_embeddings([PHOTOS / "obama.jpg"])[0]
+    biden = faces.reference_embeddings([PHOTOS / "biden2.jpg"])[0]
     mine = embeddings_of(tmp_path / "faces", [face])[0]
     assert np.linalg.norm(mine - obama) < 0.6 < np.linalg.norm(mine - biden)
     others = utils.list_images(tmp_path / "faces" / "rejected")  # Biden (and anyone else in the crowd)
-    assert others and all(np.linalg.norm(e - obama) > 0.6 for e in utils.reference_embeddings(others))
+    assert others and all(np.linalg.norm(e - obama) > 0.6 for e in faces.reference_embeddings(others))
 
 
 def test_curation_rejects_blurred_faces_and_keeps_the_clip(tmp_path, capsys):
@@ -115,11 +118,11 @@ def test_conversion_of_a_two_person_photo_swaps_only_the_chosen_person(by, tiny_
     (tmp_path / "in").mkdir()
     image = utils.read_image(PHOTOS / "two_people.jpg")
     utils.write_image(tmp_path / "in" / "two.png", image)
-    analyzer = utils.FaceAnalyzer(upsample=1)
-    faces = analyzer.analyze(image, all_faces=True)
-    obama = utils.reference_embeddings([PHOTOS / "obama.jpg"])[0]
-    embedder = utils.FaceEmbedder()
-    by_distance = sorted(faces, key=lambda f: np.linalg.norm(embedder.embed(image, f[1]) - obama))
+    analyzer = faces.FaceAnalyzer(upsample=1)
+    found = analyzer.analyze(image, all_faces=True)
+    obama = faces.reference_embeddings([PHOTOS / "obama.jpg"])[0]
+    embedder = faces.FaceEmbedder()
+    by_distance = sorted(found, key=lambda f: np.linalg.norm(embedder.embed(image, f[1]) - obama))
     (obama_box, _), (biden_box, _) = by_distance
     extra = ["--reference", str(PHOTOS / "obama.jpg")] if by == "reference" else []
     code, io = run_main(convert_video.main, ["--video-path", str(tmp_path / "in"), "--model-dir", str(tiny_model),
@@ -148,7 +151,7 @@ def test_a_cut_to_another_person_is_not_taken_for_the_same_face(tmp_path):
             path.rename(frames / f"{first + k:05d}.png")
     assert crop_face.main(["--images-dir", str(frames), "--faces-dir", str(tmp_path / "faces"),
                            "--workers", "1"]) == 0
-    record = json.loads((tmp_path / "faces" / utils.ALIGNMENTS_NAME).read_text())["frames"]
+    record = json.loads((tmp_path / "faces" / records.ALIGNMENTS_NAME).read_text())["frames"]
     verdicts = [[r["kept"] for r in record[f"{k:05d}.png"]["faces"]] for k in range(60)]
     assert all(v == [True] for v in verdicts[:40])
     assert all(v == ["another person"] for v in verdicts[40:])

@@ -17,15 +17,18 @@ import convert_video
 import crop_face
 import crop_from_video
 import evaluate
+import faces
 import models
+import records
 import train
 import utils
+import video
 
 
 @pytest.fixture(scope="module")
 def obama_frames():
     need_data()
-    return [f for _, f in zip(range(40), utils.read_video(OBAMA))]
+    return [f for _, f in zip(range(40), video.read_video(OBAMA))]
 
 
 def convert(args, capsys):
@@ -37,7 +40,7 @@ def test_rotated_phone_video_is_read_upright_and_converted_upright(obama_frames,
     upright = obama_frames[:12]
     stored = [np.ascontiguousarray(np.rot90(f, 1)) for f in upright]  # sideways in the file
     clip = make_clip(tmp_path / "phone.mp4", stored, rotation=-90)
-    source = utils.FrameSource(clip)
+    source = video.FrameSource(clip)
     assert (source.rotation, source.width, source.height) == (-90, 256, 256 * 1)
     read = [f.image for f in source]
     assert all(np.abs(a.astype(int) - b).mean() < 2 for a, b in zip(read, upright))
@@ -48,8 +51,8 @@ def test_rotated_phone_video_is_read_upright_and_converted_upright(obama_frames,
                         str(tmp_path / "out.mp4"), "--workers", "1"], capsys)
     assert code == 0, io.err
     assert "12 with a swapped face, 0 passed through" in io.out
-    out = list(utils.read_video(tmp_path / "out.mp4"))
-    assert utils.FrameSource(tmp_path / "out.mp4").rotation == 0  # plays upright anywhere
+    out = list(video.read_video(tmp_path / "out.mp4"))
+    assert video.FrameSource(tmp_path / "out.mp4").rotation == 0  # plays upright anywhere
     assert np.abs(out[0][:20].astype(int) - upright[0][:20]).mean() < 3  # the top rows: the original's, upright
 
 
@@ -63,10 +66,10 @@ def test_variable_frame_rate_keeps_each_frame_in_time_with_the_audio(obama_frame
     code, io = convert(["--video-path", str(clip), "--model-dir", str(tiny_model), "--output-path",
                         str(tmp_path / "out.mp4"), "--workers", "1"], capsys)
     assert code == 0, io.err
-    out = list(utils.FrameSource(tmp_path / "out.mp4"))
+    out = list(video.FrameSource(tmp_path / "out.mp4"))
     assert len(out) == 90
     marked = next(f for f in out if f.image[:16, :16].mean() > 200 and f.index > 0)
-    source_times = [f.time for f in utils.FrameSource(clip)]
+    source_times = [f.time for f in video.FrameSource(clip)]
     assert marked.index == 45
     assert abs(marked.time - source_times[45]) < 1 / 60  # under one frame duration
     assert abs(out[-1].time - source_times[-1]) < 1 / 60
@@ -90,7 +93,7 @@ def test_cut_file_warns_and_is_recorded_incomplete(obama_frames, tiny_model, tmp
     code, io = convert(["--video-path", str(cut), "--model-dir", str(tiny_model), "--output-path",
                         str(tmp_path / "out.mp4"), "--workers", "1"], capsys)
     assert code == 0 and "ended early" in io.out
-    assert utils.video_info(tmp_path / "out.mp4")["frames"] == written
+    assert video.video_info(tmp_path / "out.mp4")["frames"] == written
     # crop_face says the frames folder is incomplete
     code, io = run_main(crop_face.main, ["--images-dir", str(tmp_path / "frames"), "--faces-dir",
                                          str(tmp_path / "faces"), "--workers", "1"], capsys)
@@ -161,11 +164,11 @@ def test_kill_during_crop_face_then_rerun_ends_with_one_face_per_frame(tmp_path)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert len(list(faces.glob("*.png"))) < len(names), "finished before it could be killed"
-        recorded = len(json.loads((faces / utils.ALIGNMENTS_NAME).read_text())["frames"])  # saved every few s
+        recorded = len(json.loads((faces / records.ALIGNMENTS_NAME).read_text())["frames"])  # saved every few s
         done = subprocess.run(crop_face_command(frames, faces), capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         assert not recorded or f"resuming: {recorded} frames already processed" in done.stdout
-        record = json.loads((faces / utils.ALIGNMENTS_NAME).read_text())["frames"]
+        record = json.loads((faces / records.ALIGNMENTS_NAME).read_text())["frames"]
         assert sorted(record) == sorted(p.name for p in utils.list_images(frames))
         kept = [r["face"] for frame in record.values() for r in frame["faces"] if r["kept"] is True]
         assert sorted(kept) == sorted(p.name for p in utils.list_images(faces))
@@ -188,7 +191,7 @@ def test_two_runs_on_one_folder(tmp_path):
     assert len(second.stderr.strip().splitlines()) == 1
     assert first.wait() == 0
     sizes = {utils.read_image(p).shape[0] for p in utils.list_images(faces)}
-    assert sizes == {256} and json.loads((faces / utils.ALIGNMENTS_NAME).read_text())["size"] == 256
+    assert sizes == {256} and json.loads((faces / records.ALIGNMENTS_NAME).read_text())["size"] == 256
 
 
 def test_folder_convert_never_touches_its_input(obama_faces, tiny_model, tmp_path, capsys):
@@ -252,7 +255,7 @@ def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
                             preexec_fn=interruptible)
     # the main process has recorded finished frames (alignments.json, saved every SAVE_SECONDS), and frames are
     # left: faces on disk alone do not say so (imap hands results over in task order, and a worker may be ahead)
-    record = tmp_path / "faces" / utils.ALIGNMENTS_NAME
+    record = tmp_path / "faces" / records.ALIGNMENTS_NAME
     while not (record.is_file() and utils.read_json(record).get("frames")):
         assert proc.poll() is None, "crop_face finished before its record was first saved"
         time.sleep(0.02)
@@ -295,8 +298,8 @@ def test_after_a_killed_training_run_temp_files_go_and_the_log_is_cut_back(obama
 
 
 def test_detection_pool_is_sized_by_memory(monkeypatch):
-    monkeypatch.setattr(utils, "available_memory_mb", lambda: 3 * utils.WORKER_MEMORY_MB + 10)
+    monkeypatch.setattr(faces, "available_memory_mb", lambda: 3 * faces.WORKER_MEMORY_MB + 10)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert utils.detection_workers(16) == 3
-    monkeypatch.setattr(utils, "available_memory_mb", lambda: 100)
-    assert utils.detection_workers(16) == 1
+    assert faces.detection_workers(16) == 3
+    monkeypatch.setattr(faces, "available_memory_mb", lambda: 100)
+    assert faces.detection_workers(16) == 1

@@ -238,7 +238,7 @@ def test_edge_term_costs_blur_not_brightness(faces):
     """--edges adds an L1 on the image gradients inside the face: on real faces it costs a blurred copy of the
     target, and nothing for a brightness shift of the same squared error, which keeps every edge; 0 is the
     masked loss as before."""
-    loaded, _ = train.load_training_faces([faces[1]], quiet=True)
+    loaded = train.load_training_faces([faces[1]], quiet=True)
     _, target, weights = train.make_batch(loaded, np.random.default_rng(0), 8, 64, warp=False)
     images = target.numpy().transpose(0, 2, 3, 1)
     blurred = torch.from_numpy(np.stack([cv2.GaussianBlur(t, (0, 0), 1.0) for t in images])).permute(0, 3, 1, 2)
