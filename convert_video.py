@@ -134,21 +134,22 @@ def swap_faces(model, frames, chosen, side, settings=blend.BlendSettings(), batc
     pasted (blend.BlendSettings). Faces go through the model in batches; each is pasted back through the
     inverse of the affine that aligned it. Returns new frames; the inputs are not modified.
     """
-    size = model.input_size
+    size, out_size = model.input_size, model.output_size
     device = device or torch.device("cpu")
-    jobs = [(i, align.align_matrix(landmarks, size, coverage=1.0), landmarks)
-            for i, frame_faces in enumerate(chosen) for landmarks in frame_faces]
-    crops = [align.warp_face(frames[i], matrix, size) for i, matrix, _ in jobs]
+    jobs = [(i, landmarks) for i, frame_faces in enumerate(chosen) for landmarks in frame_faces]
+    crops = [align.warp_face(frames[i], align.align_matrix(landmarks, size, coverage=1.0), size)
+             for i, landmarks in jobs]
     outputs, masks = [], []
     with torch.no_grad(), utils.autocast(device, dtype):
         for k in range(0, len(crops), batch_size):
             x = tensors.to_tensor(np.stack(crops[k:k + batch_size])).to(device)
-            y = model(x.contiguous(memory_format=torch.channels_last), side)
+            y = model.draw(x.contiguous(memory_format=torch.channels_last), side)
             outputs.extend(tensors.to_images(y[:, :3]))
             masks.extend(y[:, 3].float().cpu().numpy() if model.has_mask else [None] * len(x))
     result = list(frames)
-    for (i, matrix, landmarks), face, mask in zip(jobs, outputs, masks):
-        result[i] = blend.paste_face(result[i], face, matrix, landmarks, settings, mask)
+    for (i, landmarks), face, mask in zip(jobs, outputs, masks):  # pasted with the matrix of the face's own size
+        result[i] = blend.paste_face(result[i], face, align.align_matrix(landmarks, out_size, coverage=1.0),
+                                     landmarks, settings, mask)
     return result
 
 

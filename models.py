@@ -37,6 +37,10 @@ MODEL_CONFIGS = {
     # about 2.2x tiny's training time per face on a CPU (lite128: 4-5x).
     "tiny128": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                     decoder_channels=(64, 32, 16, 16), output_kernel=3),
+    # tiny with a detail stage per person: each decoder's 64 px face redrawn at 128 px, learned from that person's
+    # real faces at 128 px (DetailNet)
+    "tiny_detail": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
+                        decoder_channels=(64, 32, 16), detail_scale=2),
 }
 
 
@@ -119,12 +123,35 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.to_rgb(x))       # (B, 3, 64, 64): colour (+ mask as a 4th channel)
 
 
+class DetailNet(nn.Module):
+    """A person's detail stage: a decoder's face redrawn at `scale` x its size. It adds what it learned from that
+    person's real faces at the larger size to the bilinear enlargement, so it starts as that enlargement and can
+    only add the person's own detail (eyelids, lashes, teeth, skin): nothing of anyone else's."""
+
+    def __init__(self, scale=2, channels=16, blocks=3):
+        super().__init__()
+        if scale not in (2, 4):
+            raise ValueError("detail_scale must be 1 (none), 2 or 4")
+        self.scale = scale
+        self.head = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        self.up = nn.Sequential(*[UpscaleBlock(channels, channels) for _ in range(scale.bit_length() - 1)])
+        self.to_rgb = nn.Conv2d(channels, 3, 3, padding=1)
+        nn.init.zeros_(self.to_rgb.weight)  # at first exactly the enlargement
+        nn.init.zeros_(self.to_rgb.bias)
+
+    def forward(self, face):                       # (B, 3, 64, 64) in [0, 1]
+        enlarged = nn.functional.interpolate(face, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return enlarged + self.to_rgb(self.up(self.body(self.head(face))))  # (B, 3, 128, 128)
+
+
 class FaceSwapModel(nn.Module):
-    """Shared encoder + decoder_a + decoder_b. forward(x, side) with side "a" or "b"."""
+    """Shared encoder + decoder_a + decoder_b (+ a detail stage per person). forward(x, side) with side "a" or "b"
+    gives the decoder's face; draw(x, side) the face at the output size (through the detail stage, if any)."""
 
     def __init__(self, name="original", input_size=64, encoder_channels=(128, 256, 512, 1024),
                  latent_dim=1024, decoder_channels=(256, 128, 64), residual_blocks=0, output_channels=3,
-                 output_kernel=5, encoder_size=None):
+                 output_kernel=5, encoder_size=None, detail_scale=1):
         super().__init__()
         encoder_size = encoder_size or input_size
         if input_size != 8 * 2 ** len(decoder_channels):
@@ -138,15 +165,43 @@ class FaceSwapModel(nn.Module):
         self.config = dict(name=name, input_size=input_size, encoder_channels=tuple(encoder_channels),
                            latent_dim=latent_dim, decoder_channels=tuple(decoder_channels),
                            residual_blocks=residual_blocks, output_channels=output_channels,
-                           output_kernel=output_kernel, encoder_size=encoder_size)
+                           output_kernel=output_kernel, encoder_size=encoder_size, detail_scale=detail_scale)
         self.encoder = Encoder(input_size, encoder_channels, latent_dim, encoder_size)
         decoder = (encoder_channels[-1] // 2, decoder_channels, residual_blocks, output_channels, output_kernel)
         self.decoder_a = Decoder(*decoder)
         self.decoder_b = Decoder(*decoder)
+        if detail_scale > 1:
+            self.detail_a, self.detail_b = DetailNet(detail_scale), DetailNet(detail_scale)
 
     @property
     def input_size(self):
         return self.config["input_size"]
+
+    @property
+    def output_size(self):
+        """The size of the faces draw() gives."""
+        return self.config["input_size"] * self.config["detail_scale"]
+
+    def detail(self, side):
+        """The detail stage of a side, or None."""
+        self.decoder(side)  # rejects a side other than "a" or "b"
+        return getattr(self, f"detail_{side}", None)
+
+    def enlarge(self, face, side):
+        """A decoder's face (B, C, S, S) at the output size: colour through the side's detail stage, a mask channel
+        enlarged bilinearly."""
+        detail = self.detail(side)
+        if detail is None:
+            return face
+        colour = detail(face[:, :3])
+        if face.shape[1] == 3:
+            return colour
+        mask = nn.functional.interpolate(face[:, 3:], scale_factor=detail.scale, mode="bilinear", align_corners=False)
+        return torch.cat([colour, mask], 1)
+
+    def draw(self, x, side):
+        """The face of `side`'s person for faces x, at the output size."""
+        return self.enlarge(self(x, side), side)
 
     @property
     def has_mask(self):

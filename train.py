@@ -68,6 +68,7 @@ LIKENESS = 0.0                        # weight of the code discriminator's loss 
 SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
+DETAIL_SHARE = 0.5                    # share of each side's batch the detail stages (tiny_detail) learn from
 MIN_FACES_WARNING = 200               # fewer faces per side than this gives a warning
 
 
@@ -154,8 +155,9 @@ def random_transform(size, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
     return mat
 
 
-def random_warp(image, rng, size=64, coverage=align.FACE_COVERAGE, sigma=5.0, transform=None):
-    """(warped input, target) at size x size from a 256 face, as the tutorial.
+def random_warp(image, rng, size=64, coverage=align.FACE_COVERAGE, sigma=5.0, transform=None, detail_size=None):
+    """(warped input, target) at size x size from a 256 face, as the tutorial (and with detail_size, the same
+    target at detail_size x detail_size as a third item).
 
     A 5x5 grid over the central `coverage` of the face is jittered by N(0, sigma px);
     the input is remapped through the jittered grid, the target is the same region
@@ -178,7 +180,11 @@ def random_warp(image, rng, size=64, coverage=align.FACE_COVERAGE, sigma=5.0, tr
     mat = (align.umeyama(src, dst) @ transform)[:2]
     # bilinear, as before: warpAffine has no INTER_AREA (it falls back to bilinear)
     target = cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return warped, target
+    if detail_size is None:
+        return warped, target
+    big = cv2.warpAffine(image, mat * (detail_size / size), (detail_size, detail_size), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+    return warped, target, big
 
 
 def region_weights(landmarks, size=align.FACE_SIZE, brow_lift=1.0):
@@ -202,30 +208,40 @@ def region_weights(landmarks, size=align.FACE_SIZE, brow_lift=1.0):
 WEIGHT_SCALE = 60  # region weights are stored as uint8 = weight x 60 (so 3.0 -> 180)
 
 
-def make_batch(faces, rng, batch_size, size, warp=True):
+def make_batch(faces, rng, batch_size, size, warp=True, detail=None):
     """(input, target, weights) float tensors of randomly drawn, augmented faces: (B, 3, size, size) twice
     and the target's region weights (B, 1, size, size). `faces` is (N, 256, 256, 4): BGR + region weights.
-    warp=False gives the target itself as the input (no random warp; for sharpness late in training)."""
+    warp=False gives the target itself as the input (no random warp; for sharpness late in training).
+    detail=(size, count): also the targets of the first `count` faces at that size and their weights, for the
+    detail stage (5 tensors)."""
     idx = rng.integers(len(faces), size=batch_size)
-    inputs, targets = [], []
-    for i in idx:
-        warped, target = random_warp(faces[i], rng, size, transform=random_transform(faces[i].shape[0], rng))
-        inputs.append(warped if warp else target)
-        targets.append(target)
-    inputs, targets = np.stack(inputs), np.stack(targets)
+    inputs, targets, bigs = [], [], []
+    for k, i in enumerate(idx):
+        made = random_warp(faces[i], rng, size, transform=random_transform(faces[i].shape[0], rng),
+                           detail_size=detail[0] if detail and k < detail[1] else None)
+        inputs.append(made[0] if warp else made[1])
+        targets.append(made[1])
+        bigs += made[2:]
+    batch = (tensors.to_tensor(np.stack(inputs)[..., :3]),) + target_tensors(np.stack(targets))
+    return batch + target_tensors(np.stack(bigs)) if bigs else batch
+
+
+def target_tensors(targets):
+    """(colour, region weights) tensors of uint8 (B, S, S, 4) targets."""
     weights = torch.from_numpy(targets[..., 3:].transpose(0, 3, 1, 2).astype(np.float32) / WEIGHT_SCALE)
-    return tensors.to_tensor(inputs[..., :3]), tensors.to_tensor(targets[..., :3]), weights
+    return tensors.to_tensor(targets[..., :3]), weights
 
 
 class StepBatches(torch.utils.data.Dataset):
     """Item `step` is that step's batch for both sides: a pure function of (seed, rank, step).
 
-    Steps from `warp_until` on are drawn without the random warp."""
+    Steps from `warp_until` on are drawn without the random warp. detail=(size, count): the first `count` faces of
+    each side also come as targets at that size (make_batch), for the detail stage."""
 
-    def __init__(self, faces_a, faces_b, batch_size, size, seed, rank=0, warp_until=None):
+    def __init__(self, faces_a, faces_b, batch_size, size, seed, rank=0, warp_until=None, detail=None):
         self.faces = (faces_a, faces_b)
         self.batch_size, self.size, self.seed, self.rank = batch_size, size, seed, rank
-        self.warp_until = warp_until
+        self.warp_until, self.detail = warp_until, detail
         self.previews = (preview_faces(faces_a, size=size), preview_faces(faces_b, size=size))
 
     def __len__(self):
@@ -234,7 +250,7 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step):
         warp = self.warp_until is None or step < self.warp_until
         return tuple(make_batch(faces, np.random.default_rng([self.seed, self.rank, step, side]),
-                                self.batch_size, self.size, warp) for side, faces in enumerate(self.faces))
+                                self.batch_size, self.size, warp, self.detail) for side, faces in enumerate(self.faces))
 
 
 def _worker_init(_):
@@ -262,8 +278,13 @@ class BothSides(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x_a, x_b, swaps=False):
-        return self.model.forward_training(x_a, x_b, swaps)
+    def forward(self, x_a, x_b, swaps=False, detail=0):
+        """forward_training's outputs, and with detail > 0 the first `detail` faces of each decoder (detached: the
+        detail stages learn from the decoders, not the other way) through each side's detail stage."""
+        out_a, out_b, codes, swapped = self.model.forward_training(x_a, x_b, swaps)
+        drawn = None if not detail else [self.model.enlarge(out[:detail, :3].detach(), side)
+                                         for out, side in ((out_a, "a"), (out_b, "b"))]
+        return out_a, out_b, codes, swapped, drawn
 
 
 def reconstruction_loss(kind, outside_weight=0.05, edges=0.0):
@@ -382,11 +403,16 @@ def any_rank(flag, world):
 def train_step(net, optimizer, batch, loss_fn, device, dtype, scaler, adversaries=None):
     """One step on both sides; returns (loss_a, loss_b) as floats. With `adversaries` (Adversaries) their terms
     join the loss, and then the critics take their own step."""
-    (input_a, target_a, weights_a), (input_b, target_b, weights_b) = [[to_device(t, device) for t in side]
-                                                                      for side in batch]
+    side_a, side_b = [[to_device(t, device) for t in side] for side in batch]
+    (input_a, target_a, weights_a), (input_b, target_b, weights_b) = side_a[:3], side_b[:3]
+    detail = len(side_a[3]) if len(side_a) > 3 else 0  # targets at the detail stages' size for the first faces
     with utils.autocast(device, dtype):
-        out_a, out_b, codes, swaps = net(input_a, input_b, adversaries is not None and adversaries.gan_on)
+        out_a, out_b, codes, swaps, drawn = net(input_a, input_b, adversaries is not None and adversaries.gan_on,
+                                                detail)
     loss_a, loss_b = loss_fn(out_a.float(), target_a, weights_a), loss_fn(out_b.float(), target_b, weights_b)
+    if drawn is not None:  # each person's detail stage learns their real faces at its size (part of their loss)
+        loss_a = loss_a + loss_fn(drawn[0].float(), side_a[3], side_a[4])
+        loss_b = loss_b + loss_fn(drawn[1].float(), side_b[3], side_b[4])
     total = loss_a + loss_b
     if adversaries is not None:
         masks = ((weights_a > 0).float(), (weights_b > 0).float())
@@ -797,7 +823,9 @@ def train(args, rank, world, device):
     parts = Parts(model, net, optimizer, make_adversaries(args, model, saved, world, device, dtype),
                   reconstruction_loss(args.loss, edges=args.edges), device, dtype, identities, args.seed)
     schedule = Schedule(args, step, world)
-    dataset = StepBatches(faces_a, faces_b, args.batch_size, model.input_size, args.seed, rank, schedule.warp_from)
+    dataset = StepBatches(faces_a, faces_b, args.batch_size, model.input_size, args.seed, rank, schedule.warp_from,
+                          detail=(model.output_size, max(1, round(args.batch_size * DETAIL_SHARE)))
+                          if model.output_size > model.input_size else None)
     if main_rank:
         announce(args, model, device, dtype, world, (len(faces_a), len(faces_b)), step)
     step, stop_reason, interrupted = loop(args, parts, dataset, schedule, step, best_loss, main_rank)

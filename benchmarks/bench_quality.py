@@ -76,6 +76,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny_gan": f"{TINY_MASKED} --gan 0.1",
     # the default with a code discriminator making A's and B's codes alike (the whole run)
     "tiny_likeness": f"{TINY_MASKED} --likeness 0.05",
+    # the default with a detail stage per person: 64 px faces redrawn at 128 px from that person's real faces
+    "tiny_detail": TINY_MASKED.replace("--model tiny", "--model tiny_detail"),
     # 128 px faces with the adversarial end
     "tiny128_gan": f"{TINY128} --gan 0.1",
     # the 128 px preset with the same recipe (5x the compute per sample)
