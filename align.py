@@ -8,7 +8,6 @@ way and warps the model's output back with the inverse matrix.
 import cv2
 import numpy as np
 
-
 # Mean face of dlib's 68-point scheme, points 17..67 (the jaw is left out), in [0, 1].
 # The same template faceswap's "legacy" centring uses.
 MEAN_FACE = np.array([

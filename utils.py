@@ -120,7 +120,8 @@ def write_bytes_atomic(path, data):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"the disk is full: could not write {path} ({len(data) / 2**20:.1f} MiB needed); "
+            size = f"{len(data) / 2**20:.1f} MiB" if len(data) >= 2**20 else f"{-(-len(data) // 1024)} KiB"
+            raise UserError(f"the disk is full: could not write {path} ({size} needed); "
                             "free some space and run again (the file there before is kept)") from None
         raise
 

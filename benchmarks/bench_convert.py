@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
 from common import (
     CLIPS_256,
     CLIPS_512,

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from common import (
     CLIPS_256,
     CLIPS_512,

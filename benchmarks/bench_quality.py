@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 import tutorial
 from common import ROOT, VIDEOS, log_rate, require_data
 
@@ -76,6 +77,7 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny_gan": f"{TINY_MASKED} --gan 0.1",
     # the default with a code discriminator making A's and B's codes alike (the whole run)
     "tiny_likeness": f"{TINY_MASKED} --likeness 0.05",
+    "tiny_likeness02": f"{TINY_MASKED} --likeness 0.2",
     # the default with a detail stage per person: 64 px faces redrawn at 128 px from that person's real faces
     "tiny_detail": TINY_MASKED.replace("--model tiny", "--model tiny_detail"),
     # 128 px faces with the adversarial end

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 import tutorial
 from common import ROOT, VIDEOS, checkout, log_rate, report, require_data
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from common import ROOT, VIDEOS, require_data
 
 import crop_face

@@ -6,10 +6,11 @@ whole square; batches augmented inline with train.py's random warp, 64 faces per
 """
 import time
 
-import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import common  # noqa: F401  (puts the repository on sys.path)
 
 import models
 import train

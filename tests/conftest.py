@@ -3,13 +3,14 @@ from pathlib import Path
 
 import pytest
 
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
-VIDEOS = DATA / "videos"
-OBAMA = VIDEOS / "styletalk_obama_clip1.mp4"
-ANDREW = VIDEOS / "styletalk_andrew_clip1.mp4"
+EXAMPLES = ROOT / "examples"            # the demo pair, committed: person A and person B of the tests
+PHOTOS = ROOT / "tests" / "data"        # committed photos and a several-people clip (tests/data/SOURCES.md)
+OBAMA = EXAMPLES / "obama.mp4"
+REAGAN = EXAMPLES / "reagan.mp4"
+HAMILTON = PHOTOS / "hamilton.mp4"
+SHARED = ROOT.parent / "shared" / "data"  # the larger set beside the checkout, when there: extra coverage only
 
 
 def run_main(main, argv, capsys):
@@ -36,14 +37,8 @@ def ctrl_c_at_step(monkeypatch, n):
     return real_step
 
 
-def need_data():
-    if not VIDEOS.is_dir():
-        pytest.skip(f"real test data not found at {DATA} (shared/ beside the checkout)")
-
-
 def frames_and_faces(root, video, frames=120):
     """Frames and aligned faces of the first `frames` frames of a real clip, under root."""
-    need_data()
     import crop_face
     import crop_from_video
 
@@ -55,15 +50,13 @@ def frames_and_faces(root, video, frames=120):
 @pytest.fixture(scope="session")
 def obama_faces(tmp_path_factory):
     """Person A: the Obama clip's first 120 frames and faces (made once per session)."""
-    need_data()
     return frames_and_faces(tmp_path_factory.mktemp("obama"), OBAMA)
 
 
 @pytest.fixture(scope="session")
-def andrew_faces(tmp_path_factory):
-    """Person B: the Andrew Ng clip's first 120 frames and faces."""
-    need_data()
-    return frames_and_faces(tmp_path_factory.mktemp("andrew"), ANDREW)
+def reagan_faces(tmp_path_factory):
+    """Person B: the Reagan clip's first 120 frames and faces."""
+    return frames_and_faces(tmp_path_factory.mktemp("reagan"), REAGAN)
 
 
 def make_clip(path, frames, fps=30, audio_seconds=None, rotation=0, times=None, faststart=False):
@@ -108,12 +101,12 @@ def make_clip(path, frames, fps=30, audio_seconds=None, rotation=0, times=None, 
 
 
 @pytest.fixture(scope="session")
-def tiny_model(obama_faces, andrew_faces, tmp_path_factory):
+def tiny_model(obama_faces, reagan_faces, tmp_path_factory):
     """A tiny model trained briefly on the real faces (behaviour tests, not quality)."""
     import train
 
     model_dir = tmp_path_factory.mktemp("tiny_model")
-    train.main(["--faces-a", str(obama_faces / "faces"), "--faces-b", str(andrew_faces / "faces"),
+    train.main(["--faces-a", str(obama_faces / "faces"), "--faces-b", str(reagan_faces / "faces"),
                 "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "8", "--iterations", "40",
                 "--lr", "2e-4", "--workers", "0"])
     return model_dir

@@ -5,7 +5,8 @@ import av
 import cv2
 import numpy as np
 import pytest
-from conftest import OBAMA, make_clip, need_data, run_main
+
+from conftest import OBAMA, make_clip, run_main
 
 import align
 import blend
@@ -22,7 +23,6 @@ GRAY = list(range(20, 25))  # frames with no face in the test clip
 @pytest.fixture(scope="module")
 def clip_with_audio(tmp_path_factory):
     """60 Obama frames (frames 20-24 replaced by a blank wall) and 2 s of audio."""
-    need_data()
     frames = [f for _, f in zip(range(60), video.read_video(OBAMA))]
     for i in GRAY:
         frames[i] = np.full_like(frames[i], 90)

@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ANDREW, OBAMA, VIDEOS, need_data, run_main
+
+from conftest import OBAMA, PHOTOS, REAGAN, run_main
 
 import align
 import crop_face
@@ -14,7 +15,6 @@ import utils
 
 
 def test_frames_are_padded_sorted_and_described(tmp_path):
-    need_data()
     out = tmp_path / "frames"
     assert crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(out), "--every", "3",
                                  "--max-frames", "10", "--format", "jpg"]) == 0
@@ -31,17 +31,15 @@ def test_frames_are_padded_sorted_and_described(tmp_path):
 
 
 def test_time_range_selects_frames(tmp_path):
-    need_data()
     out = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(out), "--start", "1", "--end", "1.5"])
     assert [int(p.stem) for p in utils.list_images(out)] == list(range(30, 45))
 
 
 def test_never_mixes_two_videos(tmp_path, capsys):
-    need_data()
     out = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(out), "--max-frames", "3"])
-    code, io = run_main(crop_from_video.main, ["--video-path", str(ANDREW), "--save-dir", str(out),
+    code, io = run_main(crop_from_video.main, ["--video-path", str(REAGAN), "--save-dir", str(out),
                                                 "--max-frames", "3"], capsys)
     err = io.err
     assert code == 1 and "already holds 3 images" in err and "Traceback" not in err
@@ -62,10 +60,10 @@ def test_never_mixes_two_videos(tmp_path, capsys):
     code, io = run_main(crop_from_video.main, ["--video-path", str(edited), "--save-dir", str(out),
                                                 "--max-frames", "3"], capsys)
     assert code == 1 and "already holds 3 images" in io.err
-    assert crop_from_video.main(["--video-path", str(ANDREW), "--save-dir", str(out), "--max-frames", "2",
+    assert crop_from_video.main(["--video-path", str(REAGAN), "--save-dir", str(out), "--max-frames", "2",
                                  "--overwrite"]) == 0
     assert len(utils.list_images(out)) == 2
-    assert json.loads((out / "frames.json").read_text())["source"].endswith(ANDREW.name)
+    assert json.loads((out / "frames.json").read_text())["source"].endswith(REAGAN.name)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -81,7 +79,6 @@ def test_bad_videos_give_one_line_errors(tmp_path, capsys, content, message):
 
 
 def test_unwritable_save_dir(tmp_path, capsys):
-    need_data()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code, io = run_main(crop_from_video.main, ["--video-path", str(OBAMA), "--save-dir", str(blocker / "x")],
@@ -103,10 +100,10 @@ def kept_faces(frame):
     return [r for r in frame["faces"] if r["kept"] is True]
 
 
-def test_faces_found_and_eyes_aligned(obama_faces, andrew_faces):
+def test_faces_found_and_eyes_aligned(obama_faces, reagan_faces):
     """>= 98% of frames have a face; eye centres stay put across frames and near the template."""
     tl, tr = template_eye_centres()
-    for root in (obama_faces, andrew_faces):
+    for root in (obama_faces, reagan_faces):
         data = json.loads((root / "faces" / records.ALIGNMENTS_NAME).read_text())
         frames = {name: kept_faces(frame) for name, frame in data["frames"].items()}
         assert len(frames) == 120
@@ -175,8 +172,7 @@ def test_crop_face_bad_inputs(tmp_path, capsys):
 
 
 def test_several_faces_largest_or_all(tmp_path):
-    need_data()
-    image = VIDEOS.parent / "images" / "facerec" / "two_people.jpg"
+    image = PHOTOS / "two_people.jpg"
     (tmp_path / "frames").mkdir()
     utils.write_image(tmp_path / "frames" / "000000.png", utils.read_image(image))
     crop_face.main(["--images-dir", str(tmp_path / "frames"), "--faces-dir", str(tmp_path / "one"), "--workers", "1"])

@@ -2,7 +2,8 @@
 import json
 
 import pytest
-from conftest import ANDREW, OBAMA, ctrl_c_at_step, need_data
+
+from conftest import OBAMA, PHOTOS, REAGAN, ctrl_c_at_step
 
 import convert_video
 import demo
@@ -14,12 +15,14 @@ import video
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
-    need_data()
     out = tmp_path / "demo"
-    # a gallery of three of the shared people (the whole one takes minutes to embed; test_evaluate covers it)
-    monkeypatch.setattr(demo, "SHARED_GALLERY", {k: demo.SHARED_GALLERY[k] for k in ("obama", "andrew_ng", "biden")})
-    flags = ["--video-a", str(OBAMA), "--video-b", str(ANDREW), "--out-dir", str(out), "--max-frames", "40",
-             "--eval-every", "30"]
+    # a gallery of two people from the test photos: Obama (A, whose own faces stand for him) and Biden
+    gallery = tmp_path / "gallery"
+    for person, photo in (("obama", "obama.jpg"), ("biden", "biden2.jpg")):
+        (gallery / person).mkdir(parents=True)
+        (gallery / person / photo).symlink_to(PHOTOS / photo)
+    flags = ["--video-a", str(OBAMA), "--video-b", str(REAGAN), "--out-dir", str(out), "--max-frames", "40",
+             "--eval-every", "30", "--gallery", str(gallery)]
     # Ctrl-C while training: the checkpoint is saved and the demo stops there (exit 130), converting nothing
     real_step, real_convert = ctrl_c_at_step(monkeypatch, 3), convert_video.main
     monkeypatch.setattr(convert_video, "main", lambda *a: pytest.fail("converted after Ctrl-C"))
@@ -33,7 +36,8 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert models.load_checkpoint(out / "model" / models.CHECKPOINT)["step"] > 2
     printed = capsys.readouterr().out
     assert "resuming at step 2" in printed
-    for path in ("model/checkpoint.pt", "model/preview.png", "swapped.mp4", "evaluation.json", "contact_sheet.png"):
+    for path in ("model/checkpoint.pt", "model/preview.png", "model/loss.png", "swapped.mp4", "evaluation.json",
+                 "contact_sheet.png"):
         assert (out / path).is_file(), path
         assert str(out / path.split("/")[0]) in printed
     assert len(utils.list_images(out / "personA")) == 40
@@ -41,7 +45,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     result = json.loads((out / "evaluation.json").read_text())
     assert set(result["reconstruction"]) == {"A->A", "B->B"}
     assert result["identity"]["gallery_size"] == 3 and "biden" in result["identity"]["gallery"]
-    # the yardstick: Andrew's own held-out faces lie within the same-person distance of his reference
+    # the yardstick: Reagan's own held-out faces lie within the same-person distance of his reference
     assert 0.1 < result["identity"]["heldout_B_distance_to_B"] < 0.6
     # the held-out faces come from the clips' last 15 %, never from the training frames
     train_frames = {int(p.stem) for p in utils.list_images(out / "personA")}

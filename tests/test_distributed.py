@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as tmp_mp
 import torch.nn.functional as F
+
 from conftest import ROOT
 
 import models
@@ -59,11 +60,11 @@ def test_ddp_two_by_32_equals_one_by_64(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_run_saves_on_rank0_and_resumes_in_one_process(obama_faces, andrew_faces, tmp_path):
+def test_torchrun_run_saves_on_rank0_and_resumes_in_one_process(obama_faces, reagan_faces, tmp_path):
     model_dir = tmp_path / "model"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(ROOT / "train.py"), "--faces-a", str(obama_faces / "faces"), "--faces-b",
-           str(andrew_faces / "faces"), "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "4",
+           str(reagan_faces / "faces"), "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "4",
            "--iterations", "3", "--workers", "0", "--precision", "fp32", "--device", "cpu",
            "--gan", "0.1", "--gan-last", "0.5", "--likeness", "0.05"]  # the critics under DDP too
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -73,7 +74,7 @@ def test_torchrun_run_saves_on_rank0_and_resumes_in_one_process(obama_faces, and
     ckpt = models.load_checkpoint(model_dir / models.CHECKPOINT)
     assert ckpt["step"] == 3 and not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["critics_optimizer"]["state"] and not any(k.startswith("module.") for k in ckpt["critics"])
-    assert train.main(["--faces-a", str(obama_faces / "faces"), "--faces-b", str(andrew_faces / "faces"),
+    assert train.main(["--faces-a", str(obama_faces / "faces"), "--faces-b", str(reagan_faces / "faces"),
                        "--model-dir", str(model_dir), "--model", "tiny", "--batch-size", "4", "--iterations", "5",
                        "--workers", "0", "--precision", "fp32"]) == 0
     assert models.load_checkpoint(model_dir / models.CHECKPOINT)["step"] == 5

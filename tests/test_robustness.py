@@ -11,7 +11,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from conftest import OBAMA, ROOT, make_clip, need_data, run_main
+
+from conftest import OBAMA, REAGAN, ROOT, make_clip, run_main
 
 import convert_video
 import crop_face
@@ -27,7 +28,6 @@ import video
 
 @pytest.fixture(scope="module")
 def obama_frames():
-    need_data()
     return [f for _, f in zip(range(40), video.read_video(OBAMA))]
 
 
@@ -101,7 +101,6 @@ def test_cut_file_warns_and_is_recorded_incomplete(obama_frames, tiny_model, tmp
 
 
 def test_interrupted_extraction_resumes(tmp_path, capsys, monkeypatch):
-    need_data()
     real_write, calls = utils.write_image, []
 
     def interrupted(*args, **kwargs):
@@ -124,12 +123,10 @@ def test_interrupted_extraction_resumes(tmp_path, capsys, monkeypatch):
 
 
 def test_faces_of_re_extracted_frames_are_never_mixed(tmp_path, capsys):
-    need_data()
     frames, faces = tmp_path / "frames", tmp_path / "faces"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "12"])
     crop_face.main(["--images-dir", str(frames), "--faces-dir", str(faces), "--workers", "1"])
-    andrew = ROOT.parent / "shared" / "data" / "videos" / "styletalk_andrew_clip1.mp4"
-    crop_from_video.main(["--video-path", str(andrew), "--save-dir", str(frames), "--max-frames", "20",
+    crop_from_video.main(["--video-path", str(REAGAN), "--save-dir", str(frames), "--max-frames", "20",
                           "--overwrite"])
     before = sorted(p.name for p in utils.list_images(faces))
     code, io = run_main(crop_face.main, ["--images-dir", str(frames), "--faces-dir", str(faces), "--workers", "1"],
@@ -152,7 +149,6 @@ def crop_face_command(frames, faces, *extra):
 @pytest.mark.slow
 def test_kill_during_crop_face_then_rerun_ends_with_one_face_per_frame(tmp_path):
     """kill -9 at 20 %, 50 % and 90 % of the faces, then a re-run: one face per frame, a record matching the folder."""
-    need_data()
     frames = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "300"])
     names = [p.stem for p in utils.list_images(frames)]
@@ -178,7 +174,6 @@ def test_kill_during_crop_face_then_rerun_ends_with_one_face_per_frame(tmp_path)
 
 def test_two_runs_on_one_folder(tmp_path):
     """A second crop_face.py on the same faces folder stops at once; the first finishes untouched."""
-    need_data()
     frames = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "150"])
     faces = tmp_path / "faces"
@@ -213,7 +208,8 @@ def test_folder_convert_never_touches_its_input(obama_faces, tiny_model, tmp_pat
 
 
 def test_bad_input_gives_one_line_errors(obama_faces, tiny_model, tmp_path, capsys):
-    clip = make_clip(tmp_path / "clip.mp4", [utils.read_image(p) for p in utils.list_images(obama_faces / "frames")[:5]])
+    clip = make_clip(tmp_path / "clip.mp4",
+                     [utils.read_image(p) for p in utils.list_images(obama_faces / "frames")[:5]])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / models.CHECKPOINT).write_bytes(b"")
     (tmp_path / "a_folder.mp4").mkdir()
@@ -232,7 +228,8 @@ def test_bad_input_gives_one_line_errors(obama_faces, tiny_model, tmp_path, caps
     utils.write_image(broken / "000000.png", utils.read_image(utils.list_images(obama_faces / "frames")[0]))
     (broken / "000001.png").write_bytes(b"not an image")
     code, io = run_main(evaluate.main, ["--converted-path", str(broken), "--source-path", str(broken),
-                                        "--faces-a", str(obama_faces / "faces"), "--faces-b", str(obama_faces / "faces"),
+                                        "--faces-a", str(obama_faces / "faces"),
+                                        "--faces-b", str(obama_faces / "faces"),
                                         "--out-dir", str(tmp_path / "e")], capsys)
     assert code == 1 and "cannot read" in io.err and "000001.png" in io.err and "Traceback" not in io.err
 
@@ -246,7 +243,6 @@ def interruptible():
 
 
 def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
-    need_data()
     frames = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "600"])
     proc = subprocess.Popen([sys.executable, str(ROOT / "crop_face.py"), "--images-dir", str(frames),
@@ -283,8 +279,8 @@ def test_outputs_get_the_usual_permissions(obama_faces, tiny_model, tmp_path, ca
         os.umask(old)
 
 
-def test_after_a_killed_training_run_temp_files_go_and_the_log_is_cut_back(obama_faces, andrew_faces, tmp_path):
-    args = ["--faces-a", str(obama_faces / "faces"), "--faces-b", str(andrew_faces / "faces"), "--model-dir",
+def test_after_a_killed_training_run_temp_files_go_and_the_log_is_cut_back(obama_faces, reagan_faces, tmp_path):
+    args = ["--faces-a", str(obama_faces / "faces"), "--faces-b", str(reagan_faces / "faces"), "--model-dir",
             str(tmp_path), "--model", "tiny", "--batch-size", "4", "--workers", "0", "--log-every", "1",
             "--save-every", "3", "--precision", "fp32"]
     assert train.main(args + ["--iterations", "3"]) == 0

@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
 from conftest import ctrl_c_at_step, run_main
 
 import models
@@ -19,8 +20,8 @@ def tiny_args(faces, model_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def faces(obama_faces, andrew_faces):
-    return obama_faces / "faces", andrew_faces / "faces"
+def faces(obama_faces, reagan_faces):
+    return obama_faces / "faces", reagan_faces / "faces"
 
 
 def weights(model_dir, name=models.CHECKPOINT):
@@ -287,7 +288,8 @@ def test_pretrain_then_init_starts_a_new_pair_from_the_base(faces, tmp_path, cap
     """--pretrain pools both sides' faces for both decoders; --init copies those weights into a new run."""
     assert train.main(tiny_args(faces, tmp_path / "base", "--iterations", "2", "--pretrain")) == 0
     base = models.load_checkpoint(tmp_path / "base" / models.CHECKPOINT)
-    assert train.main(tiny_args(faces, tmp_path / "pair", "--iterations", "1", "--lr", "0",  # one step that moves nothing
+    # one step that moves nothing
+    assert train.main(tiny_args(faces, tmp_path / "pair", "--iterations", "1", "--lr", "0",
                                 "--init", str(tmp_path / "base" / models.CHECKPOINT))) == 0
     assert "starting from the weights of" in capsys.readouterr().out
     capsys.readouterr()
