@@ -96,14 +96,14 @@ def parse_args(argv=None):
                    help="keep this share of the replaced face's own texture (skin and grain finer than the model "
                         "draws, limited in amplitude so that its edges do not carry over) on the swapped face "
                         "(0 = off)")
-    p.add_argument("--smooth", type=utils.number_below(1), default=SMOOTH,
+    p.add_argument("--smooth", type=utils.number(0, below=1), default=SMOOTH,
                    help="temporal landmark smoothing: the share of the last frame's landmarks kept, 0 to under 1 "
                         "(0 = off)")
     p.add_argument("--start-frame", type=utils.non_negative_int, default=0, help="first frame to convert")
     p.add_argument("--max-frames", type=utils.non_negative_int, default=0, help="convert at most N frames (0 = all)")
     p.add_argument("--side-by-side", action="store_true", help="write original | swapped next to each other")
     p.add_argument("--label", action="store_true", help="draw a visible 'SYNTHETIC' label on every frame")
-    p.add_argument("--crf", type=utils.int_in(0, 51), default=18,
+    p.add_argument("--crf", type=utils.whole(0, 51), default=18,
                    help="H.264 quality, 0 to 51 (0 = lossless, 18 = visually lossless)")
     p.add_argument("--batch-size", type=utils.positive_int, default=BATCH_SIZE, help="faces per model call")
     faces.add_detector_args(p)
@@ -119,7 +119,7 @@ def parse_args(argv=None):
 
 def sharpen_amount(text):
     """--sharpen: 'auto' or an amount >= 0."""
-    return text if text == "auto" else utils.non_negative_number(text, "'auto' or ")
+    return text if text == "auto" else utils.number(0, also="'auto' or ")(text)
 
 
 # ---------------------------------------------------------------- the swap

@@ -82,7 +82,7 @@ def parse_args(argv=None):
                    help="reject faces whose landmarks fit the mean face worse than this (0 = off)")
     p.add_argument("--redetect-every", type=utils.positive_int, default=faces.REDETECT_EVERY,
                    help="run the detector at least every N frames while following faces (1 = every frame)")
-    p.add_argument("--size", type=utils.int_in(32, MAX_SIZE), default=align.FACE_SIZE,
+    p.add_argument("--size", type=utils.whole(32, MAX_SIZE), default=align.FACE_SIZE,
                    help="size of the saved faces in pixels")
     p.add_argument("--workers", type=utils.positive_int, default=WORKERS, help="detection processes")
     p.add_argument("--overwrite", action="store_true",

@@ -30,11 +30,11 @@ MODEL_CONFIGS = {
     "tiny": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                  decoder_channels=(64, 32, 16)),
     # The CPU preset: 128 px out, a residual block after each decoder upscale but the last,
-    # a learned mask as a 4th output channel (about 4x tiny's compute per face).
+    # a learned mask as a 4th output channel (several times tiny's compute per face).
     "lite128": dict(input_size=128, encoder_channels=(32, 64, 128, 256, 512), latent_dim=256,
                     decoder_channels=(128, 64, 32, 16), residual_blocks=1, output_channels=4, output_kernel=3),
-    # tiny's encoder on the face averaged down to 64 px, decoders with one more upscale: 128 px out for
-    # about 2.2x tiny's training time per face on a CPU (lite128: 4-5x).
+    # tiny's encoder on the face averaged down to 64 px, decoders with one more upscale: 128 px out at about
+    # twice tiny's training time per face (lite128: four to five times; docs/SPEED.md).
     "tiny128": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                     decoder_channels=(64, 32, 16, 16), output_kernel=3),
     # tiny with a detail stage per person: each decoder's 64 px face redrawn at 128 px, learned from that person's
@@ -278,7 +278,8 @@ class Critics(nn.Module):
 
 
 def build_critics(config):
-    return Critics(config["input_size"], config["latent_dim"])
+    """The critics of a model's config: their patch discriminators judge the faces at the model's output size."""
+    return Critics(config["input_size"] * config.get("detail_scale", 1), config["latent_dim"])
 
 
 def build_model(config):

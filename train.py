@@ -50,7 +50,7 @@ import utils
 FACES_A = Path("train/personA_face")  # aligned faces of person A (crop_face.py output)
 FACES_B = Path("train/personB_face")  # aligned faces of person B
 MODEL_DIR = Path("models")            # checkpoints, preview, log
-# The recipe measured best per CPU minute (README, benchmarks/bench_quality.py). The tutorial's own:
+# The recipe measured best per CPU minute (docs/QUALITY.md, benchmarks/bench_quality.py). The tutorial's own:
 # --model original --loss l1 --batch-size 64 --lr 5e-5 --warmup 0 --no-warp-last 0
 MODEL = "tiny"                        # a preset of models.MODEL_CONFIGS (tiny128, lite128: 128 px, ~2x, ~4x the time)
 BATCH_SIZE = 16                       # faces per side per step (per process under torchrun)
@@ -94,7 +94,7 @@ def parse_args(argv=None):
                    help="l1: the tutorial's; masked: DSSIM + MSE inside the face, eyes x3, mouth x2")
     p.add_argument("--edges", type=utils.non_negative_number, default=EDGES,
                    help="masked loss: weight of an L1 on the image gradients inside the face, which penalises "
-                        "blurred edges (the gradient difference loss; 0 = none; no gain measured at 64 px, README)")
+                        "blurred edges (the gradient difference loss; 0 = none; no gain measured, docs/QUALITY.md)")
     p.add_argument("--no-warp-last", type=utils.share, default=NO_WARP_LAST,
                    help="share of the run (of --iterations, or of --minutes) trained without the random warp "
                         "at the end, which sharpens the result (DeepFaceLab does this)")
@@ -406,24 +406,26 @@ def train_step(net, optimizer, batch, loss_fn, device, dtype, scaler, adversarie
     side_a, side_b = [[to_device(t, device) for t in side] for side in batch]
     (input_a, target_a, weights_a), (input_b, target_b, weights_b) = side_a[:3], side_b[:3]
     detail = len(side_a[3]) if len(side_a) > 3 else 0  # targets at the detail stages' size for the first faces
+    swapped = adversaries is not None and adversaries.gan_on and not detail  # faces drawn as the other person
     with utils.autocast(device, dtype):
-        out_a, out_b, codes, swaps, drawn = net(input_a, input_b, adversaries is not None and adversaries.gan_on,
-                                                detail)
+        out_a, out_b, codes, swaps, drawn = net(input_a, input_b, swapped, detail)
     loss_a, loss_b = loss_fn(out_a.float(), target_a, weights_a), loss_fn(out_b.float(), target_b, weights_b)
     if drawn is not None:  # each person's detail stage learns their real faces at its size (part of their loss)
         loss_a = loss_a + loss_fn(drawn[0].float(), side_a[3], side_a[4])
         loss_b = loss_b + loss_fn(drawn[1].float(), side_b[3], side_b[4])
     total = loss_a + loss_b
-    if adversaries is not None:
-        masks = ((weights_a > 0).float(), (weights_b > 0).float())
+    if adversaries is not None:  # judged: the decoders' faces, or with detail stages theirs, at their size
+        judged, real, weights = (((out_a, out_b), (target_a, target_b), (weights_a, weights_b)) if drawn is None
+                                 else (drawn, (side_a[3], side_b[3]), (side_a[4], side_b[4])))
+        masks = [(w > 0).float() for w in weights]
         with utils.autocast(device, dtype):
-            total = total + adversaries.generator_loss((out_a, out_b), swaps, codes, masks)
+            total = total + adversaries.generator_loss(judged, swaps, codes, masks)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.step(optimizer)
     scaler.update()
     if adversaries is not None:
-        adversaries.critic_step((target_a, target_b), masks, device, dtype)
+        adversaries.critic_step(real, masks, device, dtype)
     return loss_a.item(), loss_b.item()
 
 
@@ -451,16 +453,18 @@ class Adversaries:
         return self.gan > 0 or self.likeness > 0
 
     def generator_loss(self, outputs, swaps, codes, masks):
-        """The autoencoder's adversarial terms: each decoder's faces (its person's, and the other person's drawn as
-        its person) are to pass as real, and A's codes as B's and B's as A's."""
+        """The autoencoder's adversarial terms: each side's faces (`outputs`: its person's, and with `swaps` the
+        other person's drawn as its person) are to pass as real, and A's codes as B's and B's as A's."""
         self.critics.requires_grad_(False)  # gradients go to the autoencoder only
         loss, faces = torch.zeros((), device=codes.device), None
         if self.likeness:
             loss = loss + self.likeness * bce(self.critics.code(codes), 1 - code_labels(codes))
         if self.gan_on:
-            (out_a, out_b), (a_as_b, b_as_a) = outputs, swaps
-            faces = (torch.cat([out_a[:, :3] * masks[0], b_as_a[:, :3] * masks[1]]),
-                     torch.cat([out_b[:, :3] * masks[1], a_as_b[:, :3] * masks[0]]))
+            faces = [out[:, :3] * m for out, m in zip(outputs, masks)]
+            if swaps is not None:
+                a_as_b, b_as_a = swaps
+                faces = [torch.cat([faces[0], b_as_a[:, :3] * masks[1]]),
+                         torch.cat([faces[1], a_as_b[:, :3] * masks[0]])]
             for side, drawn in zip("ab", faces):
                 loss = loss + self.gan * bce(self.critics.faces(side)(drawn), 1.0)
         self.critics.requires_grad_(True)
@@ -522,7 +526,7 @@ def make_adversaries(args, model, saved, world, device, dtype):
 
 def make_optimizer(model, lr):
     # One optimizer over all parameters: the tutorial's two optimizers both stepped the encoder.
-    # The fused kernel is ~10x faster than the default on the CPU (0.05 s vs 0.47 s for 82 M parameters).
+    # The fused kernel is much faster than the default on the CPU.
     try:
         return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.999), fused=True)
     except (RuntimeError, TypeError):

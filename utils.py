@@ -70,9 +70,8 @@ def read_image(path):
     return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
 
-# PNG as zlib's Huffman coding of each row's difference from the row above: lossless, and measured on
-# frames and faces of 256 and 512 px, 9-37 % faster to write than OpenCV's default, as fast or faster
-# to read, at most 3 % larger (python benchmarks/bench_crop_face.py --png)
+# PNG as zlib's Huffman coding of each row's difference from the row above: lossless and faster to write than
+# OpenCV's default for frames and faces, about as large (docs/SPEED.md)
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
               cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
@@ -127,7 +126,7 @@ def write_bytes_atomic(path, data):
 
 
 def write_json(path, obj, indent=1):
-    """Write atomically; indent=None for large records (json's C encoder: 7x faster than with an indent)."""
+    """Write atomically; indent=None for large records (json's C encoder, much faster than with an indent)."""
     write_bytes_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode())
 
 
@@ -198,66 +197,38 @@ def remove_stale_temps(folder, target=None):
                 path.unlink()
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text):
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def non_negative_number(text, also=""):
-    """argparse type: a finite number >= 0 (`also`: what else the flag takes, for the message, e.g. "'auto' or ")."""
-    return _number_in(text, 0, None, also)
-
-
-def share(text):
-    """argparse type: a number from 0 to 1."""
-    return _number_in(text, 0, 1)
-
-
-def int_in(low, high):
-    """argparse type: a whole number from low to high."""
+def whole(low, high=None):
+    """argparse type: a whole number >= low (and <= high)."""
     def check(text):
-        value = _int_at_least(text, low)
-        if value > high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high} (got {value})")
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"{low} or more" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {value})")
         return value
     return check
 
 
-def number_below(high, low=0.0):
-    """argparse type: a number from low up to, not including, high."""
+def number(low, high=None, below=None, also=""):
+    """argparse type: a finite number >= low (and <= high, or < below); `also` names what else the flag takes,
+    for the message (e.g. "'auto' or ")."""
     def check(text):
-        value = _number_in(text, low, None, "")
-        if value >= high:
-            raise argparse.ArgumentTypeError(f"must be a number from {low:g} up to (not including) {high:g}, "
-                                             f"got {text!r}")
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (low <= value < min(float("inf"), below or float("inf")) and (high is None or value <= high)):
+            bound = (f"from {low:g} to {high:g}" if high is not None else f">= {low:g}" if below is None
+                     else f"from {low:g} up to (not including) {below:g}")
+            raise argparse.ArgumentTypeError(f"must be {also}a number {bound}, got {text!r}")
         return value
     return check
 
 
-def _number_in(text, low, high=None, also=""):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (low <= value < float("inf") and (high is None or value <= high)):
-        bound = f">= {low:g}" if high is None else f"from {low:g} to {high:g}"
-        raise argparse.ArgumentTypeError(f"must be {also}a number {bound}, got {text!r}")
-    return value
-
-
-def _int_at_least(text, low):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {low} or more (got {value})")
-    return value
+positive_int, non_negative_int = whole(1), whole(0)
+non_negative_number, share = number(0), number(0, 1)
 
 
 def print_settings(args, title):
@@ -315,11 +286,8 @@ def cpu_has_amx():
 
 
 def pick_precision(precision, device):
-    """torch dtype for autocast, or None for plain fp32.
-
-    auto: bf16 (fp16 on GPUs without it) on a GPU or an AMX CPU; fp32 on other CPUs, AVX-512 bf16 ones
-    included: there bf16 autocast was no faster for any preset, training or converting, and up to 1.3x
-    slower for the default `tiny` (benchmarks/bench_train.py --precision, bench_convert.py --precision)."""
+    """torch dtype for autocast, or None for plain fp32. auto: bf16 (fp16 on GPUs without it) on a GPU or an AMX
+    CPU; fp32 on other CPUs, where bf16 autocast measured slower (docs/SPEED.md)."""
     import torch
 
     if precision == "auto":

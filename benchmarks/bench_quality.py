@@ -34,6 +34,8 @@ import torch
 import tutorial
 from common import ROOT, VIDEOS, log_rate, require_data
 
+import align
+import blend
 import convert_video
 import crop_face
 import crop_from_video
@@ -54,6 +56,7 @@ PAIRS = {  # A's clips, B's clips, A's and B's names in the gallery
 }
 TINY_MASKED = "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2"
 TINY128 = TINY_MASKED.replace("--model tiny", "--model tiny128")  # 128 px out of tiny's encoder, the same recipe
+TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
     # train.py's default: the tiny model (64 px) with the masked loss, warm-up, no warp at the end
@@ -79,7 +82,10 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny_likeness": f"{TINY_MASKED} --likeness 0.05",
     "tiny_likeness02": f"{TINY_MASKED} --likeness 0.2",
     # the default with a detail stage per person: 64 px faces redrawn at 128 px from that person's real faces
-    "tiny_detail": TINY_MASKED.replace("--model tiny", "--model tiny_detail"),
+    "tiny_detail": TINY_DETAIL,
+    # with the code discriminator, and with an adversarial end judging the detail stages' 128 px faces
+    "tiny_detail_likeness": f"{TINY_DETAIL} --likeness 0.05",
+    "tiny_detail_likeness_gan": f"{TINY_DETAIL} --likeness 0.05 --gan 0.1",
     # 128 px faces with the adversarial end
     "tiny128_gan": f"{TINY128} --gan 0.1",
     # the 128 px preset with the same recipe (5x the compute per sample)
@@ -112,6 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for training (0 = all cores); the speed is always measured with all cores")
     p.add_argument("--eval-every", type=int, default=2, help="evaluate every Nth held-out frame")
+    p.add_argument("--ceiling", action="store_true",
+                   help="only measure what a perfect model could reach: each pair's held-out A frames with their own "
+                        "face cut out at the model's size (64 and 128 px) and pasted back as convert_video.py pastes")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only measure the recipes' speed (do it on an idle machine; later runs reuse it)")
     p.add_argument("--stage", choices=["all", "train", "evaluate"], default="all",
@@ -364,6 +373,29 @@ def contact_sheet(test_frames, swapped, path):
         utils.write_image(path, np.vstack(rows), jpeg_quality=90)
 
 
+def ceiling(pair, out, size, every):
+    """The fine and feature-scale detail ratios of a perfect model of `size` px: A's own held-out faces, cut out
+    as the model sees them and pasted back with the raw conversion (no colour change, texture or sharpening)."""
+    _, test_frames = prepare_pair(pair, out)
+    analyzer = faces.FaceAnalyzer()
+    settings = blend.BlendSettings(color="none", sharpen=0, detail=0)
+    fine, feature = [], []
+    for path in utils.list_images(test_frames)[::every]:
+        frame = utils.read_image(path)
+        found = analyzer.analyze(frame)
+        if not found:
+            continue
+        landmarks = found[0][1]
+        matrix = align.align_matrix(landmarks, size, coverage=1.0)
+        pasted = blend.paste_face(frame, align.warp_face(frame, matrix, size), matrix, landmarks, settings)
+        interior = align.face_interior_mask(landmarks, frame.shape)
+        fine.append(align.sharpness(pasted, landmarks, interior) / align.sharpness(frame, landmarks, interior))
+        feature.append(evaluate.feature_sharpness(pasted, landmarks, interior)
+                       / evaluate.feature_sharpness(frame, landmarks, interior))
+    return dict(pair=pair, size=size, frames=len(fine), fine=round(float(np.mean(fine)), 3),
+                feature_scale=round(float(np.mean(feature)), 3))
+
+
 def summary_row(pair, recipe, minutes, steps, results):
     """One row of the summary: the figures of the raw output (the headline) and of the default conversion."""
     row = dict(pair=pair, recipe=recipe, minutes=minutes, steps=steps)
@@ -529,6 +561,11 @@ def main(argv=None):
     gallery = demo.make_gallery(args.out / "gallery") if args.stage != "train" else None
     rows = []
     summary = args.out / "summary.json"
+    if args.ceiling:
+        rows = [ceiling(pair, args.out, size, args.eval_every) for pair in args.pairs for size in (64, 128)]
+        utils.write_json(args.out / "ceiling.json", rows)
+        print(json.dumps(rows, indent=1))
+        return 0
     if args.calibrate_only:
         faces, _ = prepare_pair(args.pairs[0], args.out)
         for spec in args.recipes:

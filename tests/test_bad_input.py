@@ -56,8 +56,9 @@ def region(landmarks, shape, grow=1.3):
     return slice(y0, y1), slice(x0, x1)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-@pytest.mark.parametrize("by", ["reference", "checkpoint"])
+@pytest.mark.parametrize("by, workers", [("reference", "1"), pytest.param("checkpoint", "1", marks=pytest.mark.slow),
+                                        pytest.param("reference", "2", marks=pytest.mark.slow),
+                                        pytest.param("checkpoint", "2", marks=pytest.mark.slow)])
 def test_several_people_with_faces_followed(by, workers, two_people, tiny_model, tmp_path, capsys):
     """Faces followed from frame to frame in a two-person video: with --reference, or by the checkpoint's own
     identity (Obama is the model's person A), with one or two workers. Only Obama's face changes; Biden's pixels

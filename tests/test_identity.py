@@ -38,6 +38,7 @@ def hamilton_frames(tmp_path_factory):
     return frames
 
 
+@pytest.mark.slow
 def test_reference_keeps_only_that_person_and_automatic_mode_finds_the_same(hamilton_frames, tmp_path, capsys):
     """Without a reference, the person seen in the most frames of a stage clip is kept and a face of each person
     found is saved; with five of the faces kept as --reference, only that person is kept (one face a frame), the

@@ -242,6 +242,7 @@ def interruptible():
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
     frames = tmp_path / "frames"
     crop_from_video.main(["--video-path", str(OBAMA), "--save-dir", str(frames), "--max-frames", "600"])

@@ -68,6 +68,7 @@ def test_resume_continues_exactly(faces, tmp_path, monkeypatch):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_adversarial_training_resumes_exactly(faces, tmp_path, monkeypatch):
     """--gan (on over the last half) and --likeness: the critics and their optimizer are in the checkpoint, and a run
     stopped before the adversarial end and resumed ends with the same weights, the critics' too; the log records the
@@ -92,6 +93,7 @@ def test_adversarial_training_resumes_exactly(faces, tmp_path, monkeypatch):
     assert all(np.isfinite(critics)) and critics[3] > critics[2] + 0.5  # the face critics join at step 4
 
 
+@pytest.mark.slow
 def test_gan_switched_on_for_a_trained_model(faces, tmp_path):
     """A model trained without critics goes on with --gan: they are made then, and kept by a later plain run."""
     assert train.main(tiny_args(faces, tmp_path, "--iterations", "2")) == 0
@@ -103,6 +105,7 @@ def test_gan_switched_on_for_a_trained_model(faces, tmp_path):
     assert all(torch.equal(critics[k], kept[k]) for k in critics)  # carried, untouched
 
 
+@pytest.mark.slow
 def test_lr_falls_to_lr_final_over_the_end_without_warp(faces, tmp_path, monkeypatch, capsys):
     """--lr-final: constant --lr while the warp is on, then linearly down to lr x lr-final at the last step; the
     same rates when the run is stopped in its end and resumed."""
@@ -284,6 +287,7 @@ def test_real_faces_300_steps_lower_both_losses(faces, tmp_path):
     assert (tmp_path / models.BEST_CHECKPOINT).exists()
 
 
+@pytest.mark.slow
 def test_pretrain_then_init_starts_a_new_pair_from_the_base(faces, tmp_path, capsys):
     """--pretrain pools both sides' faces for both decoders; --init copies those weights into a new run."""
     assert train.main(tiny_args(faces, tmp_path / "base", "--iterations", "2", "--pretrain")) == 0
@@ -300,6 +304,7 @@ def test_pretrain_then_init_starts_a_new_pair_from_the_base(faces, tmp_path, cap
     assert pair["step"] == 1 and all(torch.equal(base["model"][k], pair["model"][k]) for k in base["model"])
 
 
+@pytest.mark.slow
 def test_init_encoder_only_and_frozen_keeps_the_base_encoder(faces, tmp_path, capsys):
     """--init-parts encoder copies the base's encoder only (fresh decoders); --freeze-encoder keeps it while the
     decoders learn; freezing without a base is a one-line error."""
