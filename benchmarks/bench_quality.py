@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -118,6 +119,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for training (0 = all cores); the speed is always measured with all cores")
     p.add_argument("--eval-every", type=int, default=2, help="evaluate every Nth held-out frame")
+    p.add_argument("--sheet", type=Path, default=None,
+                   help="only gather the first frame of each budget's sheet.jpg for --pairs, --recipes and --budgets "
+                        "into one picture: a row per pair and budget; the source, then each recipe's raw and default "
+                        "faces")
     p.add_argument("--ceiling", action="store_true",
                    help="only measure what a perfect model could reach: each pair's held-out A frames with their own "
                         "face cut out at the model's size (64 and 128 px) and pasted back as convert_video.py pastes")
@@ -373,6 +378,30 @@ def contact_sheet(test_frames, swapped, path):
         utils.write_image(path, np.vstack(rows), jpeg_quality=90)
 
 
+def gather_sheets(out, pairs, recipes, budgets, path, face=SHEET_SIZE):
+    """One picture of the first frame of each budget's sheet.jpg: a row per pair and budget, the source face, then
+    each recipe's raw and default faces (each `face` px), labelled."""
+    rows = []
+    for pair in pairs:
+        for minutes in budgets:
+            cells = []
+            for k, recipe in enumerate(recipes):
+                sheet = utils.read_image(out / pair / recipe / f"{minutes:g}min" / "sheet.jpg")
+                if sheet is None:
+                    raise SystemExit(f"no sheet of {pair} / {recipe} at {minutes:g} minutes: run the budget first")
+                tiles = [cv2.resize(sheet[:SHEET_SIZE, i * SHEET_SIZE:(i + 1) * SHEET_SIZE], (face, face),
+                                    interpolation=cv2.INTER_AREA) for i in range(3)]
+                labels = ["source"] * (k == 0) + [f"{recipe} raw", f"{recipe} default"]
+                for tile, label in zip(tiles[1 - (k == 0):] if k else tiles, labels):
+                    cv2.putText(tile, label, (6, face - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                                cv2.LINE_AA)
+                    cells.append(tile)
+            cv2.putText(cells[0], f"{pair} {minutes:g} min", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                        (255, 255, 255), 1, cv2.LINE_AA)
+            rows.append(np.hstack(cells))
+    utils.write_image(path, np.vstack(rows), jpeg_quality=85)
+
+
 def ceiling(pair, out, size, every):
     """The fine and feature-scale detail ratios of a perfect model of `size` px: A's own held-out faces, cut out
     as the model sees them and pasted back with the raw conversion (no colour change, texture or sharpening)."""
@@ -561,6 +590,9 @@ def main(argv=None):
     gallery = demo.make_gallery(args.out / "gallery") if args.stage != "train" else None
     rows = []
     summary = args.out / "summary.json"
+    if args.sheet:
+        gather_sheets(args.out, args.pairs, [recipe_flags(spec)[0] for spec in args.recipes], args.budgets, args.sheet)
+        return 0
     if args.ceiling:
         rows = [ceiling(pair, args.out, size, args.eval_every) for pair in args.pairs for size in (64, 128)]
         utils.write_json(args.out / "ceiling.json", rows)
