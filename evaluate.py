@@ -26,7 +26,8 @@ converted: whole frames and the face at full size) and prints a table:
                eyes, brows, nose and lips, which a featureless blob lacks however noisy it is.
                --noise-control measures each face again with noise added up to the source's fine
                detail: the feature-scale figure should not rise with it
-  expression   68-landmark error between source and converted frame / inter-ocular distance
+  expression   68-landmark error between source and converted frame / inter-ocular distance, and how
+               well the swap's mouth opens and closes with the source's (the correlation of the two)
   flicker      mean frame-to-frame change inside the face box, converted / source
   reconstruct  A->A and B->B on held-out faces: L1, PSNR (dB), SSIM, and SSIM inside the face
 
@@ -100,6 +101,21 @@ def landmark_error(source, converted):
     """Mean landmark distance / inter-ocular distance (outer eye corners) of the source."""
     source, converted = np.asarray(source, float), np.asarray(converted, float)
     return float(np.linalg.norm(source - converted, axis=1).mean() / align.inter_ocular(source))
+
+
+def mouth_opening(landmarks):
+    """The gap between the inner lips (points 62 and 66) over the inter-ocular distance."""
+    landmarks = np.asarray(landmarks, float)
+    return float(np.linalg.norm(landmarks[62] - landmarks[66]) / align.inter_ocular(landmarks))
+
+
+def mouth_correlation(rows):
+    """How well the swap's mouth follows the source's over the frames: the correlation of their openings (1 =
+    in step; near 0 = a mouth of its own, whatever A says), None with fewer than 3 frames or a still mouth."""
+    src, dst = np.array([r["mouth"] for r in rows]).T if len(rows) >= 3 else (None, None)
+    if src is None or src.std() < 1e-6 or dst.std() < 1e-6:
+        return None
+    return round(float(np.corrcoef(src, dst)[0, 1]), 4)
 
 
 def pose_error(source_pose, converted_pose):
@@ -349,6 +365,7 @@ def frame_row(args, i, src, dst, src_landmarks, analyzer, embedder, gallery, tar
         distances=np.linalg.norm(gallery - embedder.embed(dst, dst_landmarks), axis=1),
         source_distance=float(np.linalg.norm(gallery[target] - embedder.embed(src, src_landmarks))),
         landmark_error=landmark_error(src_landmarks, dst_landmarks),
+        mouth=(mouth_opening(src_landmarks), mouth_opening(dst_landmarks)),
         pose_error=pose_error(align.head_pose(src_landmarks, src.shape), align.head_pose(dst_landmarks, dst.shape)),
         sharp_src=align.sharpness(src, src_landmarks, interior),
         sharp_dst=align.sharpness(dst, src_landmarks, interior),
@@ -438,7 +455,8 @@ def quality_figures(rows):
                        source=round(float(src.mean()), 2) if src.size else None,
                        converted=round(float(dst.mean()), 2) if src.size else None,
                        feature_scale_ratio=round(float(f_dst.mean() / f_src.mean()), 4) if f_src.size else None),
-        expression=dict(landmark_error_over_inter_ocular=round(float(np.mean([r["landmark_error"] for r in rows])), 4)))
+        expression=dict(landmark_error_over_inter_ocular=round(float(np.mean([r["landmark_error"] for r in rows])), 4),
+                        mouth_correlation=mouth_correlation(rows)))
     if "sharp_noisy" in rows[0]:
         n_src, n_dst = measured_pairs(rows, "sharp_src", "sharp_noisy")
         nf_src, nf_dst = measured_pairs(rows, "feature_src", "feature_noisy")

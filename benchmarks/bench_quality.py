@@ -440,6 +440,7 @@ def summary_row(pair, recipe, minutes, steps, results):
             noise_sharpness=sharp.get("noise_control", {}).get("ratio"),
             noise_feature_sharpness=sharp.get("noise_control", {}).get("feature_scale_ratio"),
             pose_deg=result["pose"]["error_deg"], landmarks=result["expression"]["landmark_error_over_inter_ocular"],
+            mouth=result["expression"].get("mouth_correlation"),
             flicker=result["flicker"]["ratio"], ssim_face_b=rec.get("B->B", {}).get("ssim_face")).items()})
     return row
 
@@ -565,7 +566,7 @@ def markdown(rows):
     conversion's detail figures."""
     head = ("| pair | recipe | minutes | steps | ID top-1 | transfer | distance to B (A's own; real B) | "
             "fine detail | at feature scale | noise control: fine, feature | default: fine, feature | "
-            "pose (deg) | landmarks | flicker | trained on |\n" + "|---" * 15 + "|\n")
+            "pose (deg) | landmarks | mouth | flicker | trained on |\n" + "|---" * 16 + "|\n")
 
     def num(value, digits=2):  # a figure that rows made before it existed lack
         return "-" if value is None else f"{value:.{digits}f}"
@@ -576,7 +577,8 @@ def markdown(rows):
         f"{num(r.get('heldout_b_distance'))}) | {num(r['sharpness'], 3)} | {num(r.get('feature_sharpness'), 3)} | "
         f"{num(r.get('noise_sharpness'))}, {num(r.get('noise_feature_sharpness'), 3)} | "
         f"{num(r.get('default_sharpness'), 3)}, {num(r.get('default_feature_sharpness'), 3)} | "
-        f"{num(r['pose_deg'])} | {num(r['landmarks'], 3)} | {num(r['flicker'])} | {r.get('trained_on', 'cpu')} |\n"
+        f"{num(r['pose_deg'])} | {num(r['landmarks'], 3)} | {num(r.get('mouth'))} | {num(r['flicker'])} | "
+        f"{r.get('trained_on', 'cpu')} |\n"
         for r in rows)
 
 

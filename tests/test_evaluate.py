@@ -78,6 +78,7 @@ def test_source_against_itself(obama_faces, reagan_faces, gallery, tmp_path):
     assert result["pose"]["error_deg"] == 0.0
     assert result["sharpness"]["ratio"] == 1.0 and result["sharpness"]["feature_scale_ratio"] == 1.0
     assert result["expression"]["landmark_error_over_inter_ocular"] == 0.0
+    assert result["expression"]["mouth_correlation"] == 1.0
     assert result["flicker"]["ratio"] == 1.0
     saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert {k: v for k, v in saved.items() if k != "settings"} == result
@@ -141,6 +142,17 @@ def test_another_gallery_person_is_retrieved(obama_faces, reagan_faces, gallery,
     identity = result["identity"]
     assert identity["top1_retrieval"] == 0.0 and identity["most_retrieved_instead"] == "biden"
     assert identity["mean_rank_of_target"] > 1
+
+
+def test_mouth_correlation_tells_a_mouth_of_its_own():
+    """A swap whose mouth opens and closes with the source's correlates near 1; one that keeps its own rhythm
+    (the same openings in another order) does not."""
+    opening = np.abs(np.sin(np.linspace(0, 6, 30))) * 0.3
+    rows = [dict(mouth=(o, 0.8 * o + 0.02)) for o in opening]
+    assert evaluate.mouth_correlation(rows) == pytest.approx(1.0)
+    shuffled = np.random.default_rng(0).permutation(opening)
+    assert abs(evaluate.mouth_correlation([dict(mouth=(o, p)) for o, p in zip(opening, shuffled)])) < 0.5
+    assert evaluate.mouth_correlation(rows[:2]) is None
 
 
 def test_head_pose_of_a_mirrored_face():
