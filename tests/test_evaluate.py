@@ -101,6 +101,28 @@ def test_blurred_copy_is_much_less_sharp(obama_faces, reagan_faces, tmp_path):
     assert result["pose"]["error_deg"] < 2.0  # blur barely moves the landmarks
 
 
+def test_transfer_index_and_noise_control(obama_faces, reagan_faces, tiny_model, tmp_path):
+    """A's own frames 'converted' to themselves are at transfer 0 exactly (still A); the noise control brings a
+    blurred copy's fine detail back to the source's with noise, while its feature-scale figure stays low."""
+    frames = [f for _, f in zip(range(6), video.read_video(OBAMA))]
+    for name, change in (("src", lambda f: f), ("blur", lambda f: cv2.GaussianBlur(f, (0, 0), 1.5))):
+        (tmp_path / name).mkdir()
+        for i, f in enumerate(frames):
+            utils.write_image(tmp_path / name / f"{i:03d}.png", change(f))
+    held = ["--heldout-a", str(obama_faces / "faces"), "--heldout-b", str(reagan_faces / "faces"),
+            "--model-dir", str(tiny_model)]
+    same = evaluate_clip(tmp_path / "src", tmp_path / "src", (obama_faces, reagan_faces), tmp_path, *held)
+    identity = same["identity"]
+    assert identity["transfer_index"] == 0.0
+    assert identity["heldout_B_distance_to_B"] < 0.45 < identity["mean_distance_source_to_B"]
+    blurred = evaluate_clip(tmp_path / "blur", tmp_path / "src", (obama_faces, reagan_faces), tmp_path, *held,
+                            "--noise-control")
+    sharp, control = blurred["sharpness"], blurred["sharpness"]["noise_control"]
+    assert sharp["ratio"] < 0.2 and 0.8 < control["ratio"] < 1.25  # noise up to the source's fine detail
+    assert control["feature_scale_ratio"] < sharp["feature_scale_ratio"] + 0.1 < 0.7  # but no features
+    assert abs(blurred["identity"]["transfer_index"]) < 0.2  # a blurred A is still A
+
+
 def test_feature_scale_sharpness_is_not_fooled_by_a_noisy_blob():
     """A featureless face in the face's own colours with pixel noise (what an untrained model gives) scores
     above the real face on the Laplacian's fine detail, and near zero at the scale of the facial features;

@@ -63,3 +63,19 @@ def test_encoder_on_a_smaller_face():
     for bad in (96, 256):
         with pytest.raises(ValueError, match="encoder_size"):
             models.FaceSwapModel(input_size=128, encoder_size=bad, decoder_channels=(64, 32, 16, 16))
+
+
+def test_detail_stage_starts_as_the_enlargement_and_draws_at_its_size():
+    """tiny_detail draws 128 px faces: at first exactly the bilinear enlargement of the decoder's 64 px face (the
+    stage adds only what it learns), per side; a model without detail stages draws the decoder's face as is."""
+    model = models.build_model(models.model_config("tiny_detail"))
+    x = torch.rand(2, 3, 64, 64)
+    assert model.output_size == 128
+    for side in "ab":
+        face, drawn = model(x, side), model.draw(x, side)
+        assert drawn.shape == (2, 3, 128, 128)
+        enlarged = torch.nn.functional.interpolate(face, scale_factor=2, mode="bilinear", align_corners=False)
+        assert torch.equal(drawn, enlarged)
+    assert model.detail("a") is not model.detail("b")
+    plain = models.build_model(models.model_config("tiny"))
+    assert plain.output_size == 64 and torch.equal(plain.draw(x, "b"), plain(x, "b"))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ctrl_c_at_step, run_main
+from conftest import OBAMA, ctrl_c_at_step, run_main
 
+import convert_video
 import models
 import train
 import utils
@@ -327,3 +328,21 @@ def test_init_encoder_only_and_frozen_keeps_the_base_encoder(faces, tmp_path, ca
     code, io = run_main(train.main, tiny_args(faces, tmp_path / "nobase", "--iterations", "1", "--freeze-encoder"),
                         capsys)
     assert code == 1 and "--freeze-encoder" in io.err and "Traceback" not in io.err
+
+
+def test_detail_stage_learns_and_converts(faces, tmp_path, capsys):
+    """--model tiny_detail: the detail stages learn from the real faces at 128 px (their last layer leaves zero,
+    where it starts), resume from the checkpoint, and convert_video.py pastes their faces."""
+    args = tiny_args(faces, tmp_path / "model", "--iterations", "3")
+    args[args.index("tiny")] = "tiny_detail"
+    assert train.main(args) == 0
+    ckpt = models.load_checkpoint(tmp_path / "model" / models.CHECKPOINT)
+    assert ckpt["config"]["detail_scale"] == 2
+    for side in "ab":
+        assert ckpt["model"][f"detail_{side}.to_rgb.weight"].abs().sum() > 0, side
+    args[args.index("--iterations") + 1] = "4"
+    assert train.main(args) == 0 and models.load_checkpoint(tmp_path / "model" / models.CHECKPOINT)["step"] == 4
+    code, io = run_main(convert_video.main, ["--video-path", str(OBAMA), "--model-dir", str(tmp_path / "model"),
+                                             "--output-path", str(tmp_path / "out.mp4"), "--max-frames", "3",
+                                             "--workers", "1"], capsys)
+    assert code == 0 and "3 frames (3 with a swapped face" in io.out, io.err
