@@ -62,6 +62,8 @@ FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchma
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
     # train.py's default: the tiny model (64 px) with the masked loss, warm-up, no warp at the end
     "tiny_masked": TINY_MASKED,
+    # the same with another seed (weights and batches): how much two runs of one recipe differ
+    "tiny_masked_seed1": f"{TINY_MASKED} --seed 1",
     # the same from a base (it leaves out the benchmark's people)
     "tiny_masked_base": f"{TINY_MASKED} {FROM_BASE}",
     # the base's encoder only, new decoders (faceswap's way): they learn only A's and B's faces
