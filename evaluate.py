@@ -416,7 +416,8 @@ def identity_figures(rows, names, target, other, direction):
             f"mean_distance_source_to_{t}": round(float(np.mean([r["source_distance"] for r in rows])), 4),
             "most_retrieved_instead": max(set(wrong), key=wrong.count) if wrong else None,
             f"two_person_closer_to_{t}": round(float((distances[:, target] < distances[:, other]).mean()), 4),
-            f"share_within_0.6_of_{t}": round(float((distances[:, target] < 0.6).mean()), 4),
+            f"share_within_{faces.IDENTITY_THRESHOLD:g}_of_{t}":
+                round(float((distances[:, target] < faces.IDENTITY_THRESHOLD).mean()), 4),
             "gallery": names}
 
 
