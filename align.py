@@ -32,6 +32,7 @@ FACE_COVERAGE = 160 / 256  # the template box fills the central 160 px (48..208)
 JAW, BROWS, NOSE = slice(0, 17), slice(17, 27), slice(27, 36)
 LEFT_EYE, RIGHT_EYE, EYES, MOUTH = slice(36, 42), slice(42, 48), slice(36, 48), slice(48, 68)
 OUTER_EYE_CORNERS = (36, 45)
+INNER_LIPS_MIDDLE = (62, 66)  # the upper and lower inner lip's middle points: their gap is the mouth's opening
 ALIGN_POINTS = slice(17, 68)  # what the similarity fit uses (MEAN_FACE); the jaw is left out
 
 

@@ -104,16 +104,19 @@ def landmark_error(source, converted):
 
 
 def mouth_opening(landmarks):
-    """The gap between the inner lips (points 62 and 66) over the inter-ocular distance."""
+    """The gap between the inner lips over the inter-ocular distance."""
     landmarks = np.asarray(landmarks, float)
-    return float(np.linalg.norm(landmarks[62] - landmarks[66]) / align.inter_ocular(landmarks))
+    upper, lower = align.INNER_LIPS_MIDDLE
+    return float(np.linalg.norm(landmarks[upper] - landmarks[lower]) / align.inter_ocular(landmarks))
 
 
 def mouth_correlation(rows):
     """How well the swap's mouth follows the source's over the frames: the correlation of their openings (1 =
     in step; near 0 = a mouth of its own, whatever A says), None with fewer than 3 frames or a still mouth."""
-    src, dst = np.array([r["mouth"] for r in rows]).T if len(rows) >= 3 else (None, None)
-    if src is None or src.std() < 1e-6 or dst.std() < 1e-6:
+    if len(rows) < 3:
+        return None
+    src, dst = np.array([r["mouth"] for r in rows]).T
+    if src.std() < 1e-6 or dst.std() < 1e-6:
         return None
     return round(float(np.corrcoef(src, dst)[0, 1]), 4)
 
