@@ -391,11 +391,11 @@ def gather_sheets(out, pairs, recipes, budgets, path, face=SHEET_SIZE):
                 sheet = utils.read_image(out / pair / recipe / f"{minutes:g}min" / "sheet.jpg")
                 if sheet is None:
                     raise SystemExit(f"no sheet of {pair} / {recipe} at {minutes:g} minutes: run the budget first")
-                tiles = [cv2.resize(sheet[:SHEET_SIZE, i * SHEET_SIZE:(i + 1) * SHEET_SIZE], (face, face),
-                                    interpolation=cv2.INTER_AREA) for i in range(3)]
-                labels = ["source"] * (k == 0) + [f"{recipe} raw", f"{recipe} default"]
-                for tile, label in zip(tiles[1 - (k == 0):] if k else tiles, labels):
-                    cv2.putText(tile, label, (6, face - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
+                columns = ["source", f"{recipe} raw", f"{recipe} default"]
+                for i in range(0 if k == 0 else 1, len(columns)):  # the source face once, from the first recipe
+                    tile = cv2.resize(sheet[:SHEET_SIZE, i * SHEET_SIZE:(i + 1) * SHEET_SIZE], (face, face),
+                                      interpolation=cv2.INTER_AREA)
+                    cv2.putText(tile, columns[i], (6, face - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
                                 cv2.LINE_AA)
                     cells.append(tile)
             cv2.putText(cells[0], f"{pair} {minutes:g} min", (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
@@ -591,9 +591,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    gallery = demo.make_gallery(args.out / "gallery") if args.stage != "train" else None
-    rows = []
-    summary = args.out / "summary.json"
     if args.sheet:
         gather_sheets(args.out, args.pairs, [recipe_flags(spec)[0] for spec in args.recipes], args.budgets, args.sheet)
         return 0
@@ -613,6 +610,9 @@ def main(argv=None):
                 print(f"{name} on {args.device}: {rate:.2f} samples/s")
                 record_rate(args.out / f"rates_{args.device.replace(':', '')}.json", name, flags, rate)
         return 0
+    gallery = demo.make_gallery(args.out / "gallery") if args.stage != "train" else None  # only runs evaluate
+    rows = []
+    summary = args.out / "summary.json"
     for pair in args.pairs:
         for spec in args.recipes:
             rows += run_recipe(pair, spec, args, gallery)
