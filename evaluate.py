@@ -161,17 +161,20 @@ def model_view_masks(landmarks, size, coverage=align.FACE_COVERAGE):
 
 
 def reconstructions(model, heldout_a, heldout_b):
-    """{"A->A": figures, "B->B": figures} of the held-out faces given (reconstruction)."""
+    """{"A->A": figures, "A->B": figures, "B->B": ..., "B->A": ...} of the held-out faces given: each side's own
+    decoder (reconstruction) and the other's (the swap, detail only: it has no target to compare with)."""
     found = {}
-    for folders, side in ((heldout_a, "a"), (heldout_b, "b")):
+    for folders, side, other in ((heldout_a, "a", "b"), (heldout_b, "b", "a")):
         if folders:
             images, landmarks = records.load_faces(folders, quiet=True)
             found[f"{side.upper()}->{side.upper()}"] = reconstruction(model, images, side, landmarks)
+            found[f"{side.upper()}->{other.upper()}"] = reconstruction(model, images, other, landmarks, swap=True)
     return found
 
 
-def reconstruction(model, images, side, landmarks=None, batch=32):
-    """L1, PSNR (dB), SSIM and SSIM inside the face of model(face, side) against the un-augmented face view."""
+def reconstruction(model, images, side, landmarks=None, batch=32, swap=False):
+    """model(face, side) against the un-augmented face view: L1, PSNR (dB), SSIM and SSIM inside the face (not for
+    a swap), and the detail it drew (view_detail), at the model's size and at half of it."""
     size = model.input_size
     views = tensors.to_tensor(np.stack([align.center_face(f, size) for f in images]))
     outs = []
@@ -181,10 +184,25 @@ def reconstruction(model, images, side, landmarks=None, batch=32):
     out = torch.cat(outs)
     landmarks = np.full((len(images), 68, 2), np.nan) if landmarks is None else landmarks
     mask = model_view_masks(landmarks, size)
-    return dict(l1=round(float((out - views).abs().mean()), 5),
-                psnr=round(psnr(out.numpy(), views.numpy()), 3),
-                ssim=round(float(tensors.ssim(out, views)), 4),
-                ssim_face=round(float(tensors.ssim(out, views, mask=mask)), 4), faces=len(images))
+    figures = {} if swap else dict(l1=round(float((out - views).abs().mean()), 5),
+                                   psnr=round(psnr(out.numpy(), views.numpy()), 3),
+                                   ssim=round(float(tensors.ssim(out, views)), 4),
+                                   ssim_face=round(float(tensors.ssim(out, views, mask=mask)), 4))
+    return dict(figures, detail=view_detail(out, views, mask), detail_half=view_detail(out, views, mask, shrink=2),
+                faces=len(images))
+
+
+def view_detail(drawn, real, masks, shrink=1):
+    """The fine detail of faces a model drew against the real faces, in the model's view (N, 3, S, S), inside the
+    face hulls (N, 1, S, S): align.sharpness (the Laplacian's variance) of the drawn / of the real, over all faces,
+    at the model's size or averaged down by `shrink` (the outlines of eyes, nose and lips). The swap's figure
+    against its B->B figure says how much of the softness is the swap's, not the decoder's."""
+    if shrink > 1:
+        drawn, real, masks = (torch.nn.functional.avg_pool2d(t.float(), shrink) for t in (drawn, real, masks))
+    def detail(batch):
+        return np.mean([align.sharpness(image, None, m[0]) for image, m in zip(tensors.to_images(batch),
+                                                                                masks.numpy())])
+    return round(float(detail(drawn) / max(detail(real), 1e-9)), 4)
 
 
 def largest_face_embedding(image, analyzer, embedder):

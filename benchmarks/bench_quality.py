@@ -75,6 +75,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the default with an L1 on the image gradients inside the face (the gradient difference loss), two weights
     "tiny_edges5": f"{TINY_MASKED} --edges 5",
     "tiny_edges15": f"{TINY_MASKED} --edges 15",
+    # tiny's encoder with decoders twice as wide
+    "tiny_wide": TINY_MASKED.replace("--model tiny", "--model tiny_wide"),
     # 128 px out of tiny's encoder (the face averaged down to 64 px for it), the default's recipe
     "tiny128": TINY128,
     # tiny128 with the edge term
@@ -443,7 +445,10 @@ def summary_row(pair, recipe, minutes, steps, results):
             noise_feature_sharpness=sharp.get("noise_control", {}).get("feature_scale_ratio"),
             pose_deg=result["pose"]["error_deg"], landmarks=result["expression"]["landmark_error_over_inter_ocular"],
             mouth=result["expression"].get("mouth_correlation"),
-            flicker=result["flicker"]["ratio"], ssim_face_b=rec.get("B->B", {}).get("ssim_face")).items()})
+            flicker=result["flicker"]["ratio"], ssim_face_b=rec.get("B->B", {}).get("ssim_face"),
+            view_detail_b=rec.get("B->B", {}).get("detail"), view_detail_swap=rec.get("A->B", {}).get("detail"),
+            view_detail_half_b=rec.get("B->B", {}).get("detail_half"),
+            view_detail_half_swap=rec.get("A->B", {}).get("detail_half")).items()})
     return row
 
 

@@ -199,6 +199,25 @@ def test_reconstruction_of_a_perfect_model():
     r = evaluate.reconstruction(Identity(), faces, "a")
     assert r["l1"] == 0 and r["psnr"] == float("inf") and r["ssim"] == pytest.approx(1.0, abs=1e-4)
     assert r["ssim_face"] == pytest.approx(1.0, abs=1e-4)
+    assert r["detail"] == pytest.approx(1.0) and r["detail_half"] == pytest.approx(1.0)
+
+
+def test_detail_in_the_models_view_reads_blur_and_the_swap(obama_faces):
+    """A decoder that blurs what it draws has less of the real faces' detail, most of all at the model's own size;
+    the swap (the other side's decoder) is measured on the same faces, without the figures that need a target."""
+    class Blurring(torch.nn.Module):
+        input_size = 64
+
+        def forward(self, x, side):  # side b blurs twice as wide as side a
+            k = 3 if side == "a" else 5
+            return torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    r = evaluate.reconstructions(Blurring(), [obama_faces / "faces"], None)
+    assert set(r) == {"A->A", "A->B"} and r["A->A"]["faces"] == r["A->B"]["faces"] > 50
+    assert "l1" in r["A->A"] and "l1" not in r["A->B"]
+    for figures in r.values():
+        assert 0 < figures["detail"] < figures["detail_half"] < 1
+    assert r["A->B"]["detail"] < r["A->A"]["detail"] / 2 and r["A->A"]["detail"] < 0.5
 
 
 def test_ssim_inside_the_mask_ignores_the_outside():
