@@ -199,10 +199,10 @@ def view_detail(drawn, real, masks, shrink=1):
     against its B->B figure says how much of the softness is the swap's, not the decoder's."""
     if shrink > 1:
         drawn, real, masks = (torch.nn.functional.avg_pool2d(t.float(), shrink) for t in (drawn, real, masks))
-    def detail(batch):
-        return np.mean([align.sharpness(image, None, m[0]) for image, m in zip(tensors.to_images(batch),
-                                                                                masks.numpy())])
-    return round(float(detail(drawn) / max(detail(real), 1e-9)), 4)
+    drawn_detail, real_detail = (np.mean([align.sharpness(image, None, m[0])
+                                          for image, m in zip(tensors.to_images(batch), masks.numpy())])
+                                 for batch in (drawn, real))
+    return round(float(drawn_detail / max(real_detail, 1e-9)), 4)
 
 
 def largest_face_embedding(image, analyzer, embedder):
