@@ -573,7 +573,8 @@ def markdown(rows):
     conversion's detail figures."""
     head = ("| pair | recipe | minutes | steps | ID top-1 | transfer | distance to B (A's own; real B) | "
             "fine detail | at feature scale | noise control: fine, feature | default: fine, feature | "
-            "pose (deg) | landmarks | mouth | flicker | trained on |\n" + "|---" * 16 + "|\n")
+            "model view B->B: fine, half | model view A->B: fine, half | "
+            "pose (deg) | landmarks | mouth | flicker | trained on |\n" + "|---" * 18 + "|\n")
 
     def num(value, digits=2):  # a figure that rows made before it existed lack
         return "-" if value is None else f"{value:.{digits}f}"
@@ -584,6 +585,8 @@ def markdown(rows):
         f"{num(r.get('heldout_b_distance'))}) | {num(r['sharpness'], 3)} | {num(r.get('feature_sharpness'), 3)} | "
         f"{num(r.get('noise_sharpness'))}, {num(r.get('noise_feature_sharpness'), 3)} | "
         f"{num(r.get('default_sharpness'), 3)}, {num(r.get('default_feature_sharpness'), 3)} | "
+        f"{num(r.get('view_detail_b'))}, {num(r.get('view_detail_half_b'))} | "
+        f"{num(r.get('view_detail_swap'))}, {num(r.get('view_detail_half_swap'))} | "
         f"{num(r['pose_deg'])} | {num(r['landmarks'], 3)} | {num(r.get('mouth'))} | {num(r['flicker'])} | "
         f"{r.get('trained_on', 'cpu')} |\n"
         for r in rows)
