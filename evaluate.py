@@ -167,29 +167,33 @@ def reconstructions(model, heldout_a, heldout_b):
     for folders, side, other in ((heldout_a, "a", "b"), (heldout_b, "b", "a")):
         if folders:
             images, landmarks = records.load_faces(folders, quiet=True)
-            found[f"{side.upper()}->{side.upper()}"] = reconstruction(model, images, side, landmarks)
-            found[f"{side.upper()}->{other.upper()}"] = reconstruction(model, images, other, landmarks, swap=True)
+            views, masks = model_views(images, landmarks, model.input_size)
+            found[f"{side.upper()}->{side.upper()}"] = reconstruction(model, views, masks, side)
+            found[f"{side.upper()}->{other.upper()}"] = reconstruction(model, views, masks, other, swap=True)
     return found
 
 
-def reconstruction(model, images, side, landmarks=None, batch=32, swap=False):
-    """model(face, side) against the un-augmented face view: L1, PSNR (dB), SSIM and SSIM inside the face (not for
-    a swap), and the detail it drew (view_detail), at the model's size and at half of it."""
-    size = model.input_size
+def model_views(images, landmarks, size):
+    """(views (N, 3, size, size), face-hull masks (N, 1, size, size)) of stored faces: what the model sees."""
     views = tensors.to_tensor(np.stack([align.center_face(f, size) for f in images]))
+    landmarks = np.full((len(images), 68, 2), np.nan) if landmarks is None else landmarks
+    return views, model_view_masks(landmarks, size)
+
+
+def reconstruction(model, views, masks, side, batch=32, swap=False):
+    """model(views, side) against the views (model_views): L1, PSNR (dB), SSIM and SSIM inside the face (not for
+    a swap), and the detail it drew (view_detail), at the model's size and at half of it."""
     outs = []
     with torch.no_grad():
         for i in range(0, len(views), batch):
             outs.append(model(views[i:i + batch], side)[:, :3].float())
     out = torch.cat(outs)
-    landmarks = np.full((len(images), 68, 2), np.nan) if landmarks is None else landmarks
-    mask = model_view_masks(landmarks, size)
     figures = {} if swap else dict(l1=round(float((out - views).abs().mean()), 5),
                                    psnr=round(psnr(out.numpy(), views.numpy()), 3),
                                    ssim=round(float(tensors.ssim(out, views)), 4),
-                                   ssim_face=round(float(tensors.ssim(out, views, mask=mask)), 4))
-    return dict(figures, detail=view_detail(out, views, mask), detail_half=view_detail(out, views, mask, shrink=2),
-                faces=len(images))
+                                   ssim_face=round(float(tensors.ssim(out, views, mask=masks)), 4))
+    return dict(figures, detail=view_detail(out, views, masks), detail_half=view_detail(out, views, masks, shrink=2),
+                faces=len(views))
 
 
 def view_detail(drawn, real, masks, shrink=1):

@@ -38,7 +38,7 @@ MODEL_CONFIGS = {
     "tiny128": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                     decoder_channels=(64, 32, 16, 16), output_kernel=3),
     # tiny with decoders twice as wide (the encoder and the bottleneck unchanged): more capacity where the face is
-    # drawn, at ~1.7x tiny's training time per face
+    # drawn, at ~1.9x tiny's training time per face (docs/QUALITY.md)
     "tiny_wide": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                       decoder_channels=(128, 64, 32)),
     # tiny with a detail stage per person: each decoder's 64 px face redrawn at 128 px, learned from that person's

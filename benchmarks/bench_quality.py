@@ -433,7 +433,8 @@ def summary_row(pair, recipe, minutes, steps, results):
     """One row of the summary: the figures of the raw output (the headline) and of the default conversion."""
     row = dict(pair=pair, recipe=recipe, minutes=minutes, steps=steps)
     for kind, result in results.items():
-        ident, rec, sharp = result["identity"], result.get("reconstruction", {}), result["sharpness"]
+        ident, sharp = result["identity"], result["sharpness"]
+        own, swap = (result.get("reconstruction", {}).get(k, {}) for k in ("B->B", "A->B"))
         prefix = "" if kind != "default" else "default_"
         row.update({f"{prefix}{k}": v for k, v in dict(
             top1=ident["top1_retrieval"], rank=ident["mean_rank_of_target"],
@@ -445,10 +446,9 @@ def summary_row(pair, recipe, minutes, steps, results):
             noise_feature_sharpness=sharp.get("noise_control", {}).get("feature_scale_ratio"),
             pose_deg=result["pose"]["error_deg"], landmarks=result["expression"]["landmark_error_over_inter_ocular"],
             mouth=result["expression"].get("mouth_correlation"),
-            flicker=result["flicker"]["ratio"], ssim_face_b=rec.get("B->B", {}).get("ssim_face"),
-            view_detail_b=rec.get("B->B", {}).get("detail"), view_detail_swap=rec.get("A->B", {}).get("detail"),
-            view_detail_half_b=rec.get("B->B", {}).get("detail_half"),
-            view_detail_half_swap=rec.get("A->B", {}).get("detail_half")).items()})
+            flicker=result["flicker"]["ratio"], ssim_face_b=own.get("ssim_face"),
+            view_detail_b=own.get("detail"), view_detail_swap=swap.get("detail"),
+            view_detail_half_b=own.get("detail_half"), view_detail_half_swap=swap.get("detail_half")).items()})
     return row
 
 

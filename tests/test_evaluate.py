@@ -196,7 +196,7 @@ def test_reconstruction_of_a_perfect_model():
             return x
 
     faces = np.random.default_rng(0).integers(0, 255, (3, 256, 256, 3), dtype=np.uint8)
-    r = evaluate.reconstruction(Identity(), faces, "a")
+    r = evaluate.reconstruction(Identity(), *evaluate.model_views(faces, None, 64), "a")
     assert r["l1"] == 0 and r["psnr"] == float("inf") and r["ssim"] == pytest.approx(1.0, abs=1e-4)
     assert r["ssim_face"] == pytest.approx(1.0, abs=1e-4)
     assert r["detail"] == pytest.approx(1.0) and r["detail_half"] == pytest.approx(1.0)
