@@ -17,8 +17,9 @@ CHECKPOINT = "checkpoint.pt"            # train.py's latest checkpoint in its mo
 BEST_CHECKPOINT = "checkpoint_best.pt"  # the copy with the lowest loss so far
 
 # Presets: face size (in and out), encoder conv widths, bottleneck width, decoder widths, residual blocks
-# after each decoder upscale, output channels (3 = colour; 4 = colour + a learned face mask), and the size the
-# encoder works at (the face is averaged down to it first; default the face size).
+# after each decoder upscale, output channels (3 = colour; 4 = colour + a learned face mask), the size the
+# encoder works at (the face is averaged down to it first; default the face size), and the layout ("df": a
+# decoder per person; "liae": DeepFaceLab's LIAE, one decoder body behind per-person inter layers).
 MODEL_CONFIGS = {
     # The tutorial's model: 3->128->256->512->1024, dense 1024, decoders 256->128->64.
     "original": dict(input_size=64, encoder_channels=(128, 256, 512, 1024), latent_dim=1024,
@@ -45,7 +46,14 @@ MODEL_CONFIGS = {
     # real faces at 128 px (DetailNet)
     "tiny_detail": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                         decoder_channels=(64, 32, 16), detail_scale=2),
+    # tiny in DeepFaceLab's LIAE layout: the encoder's dense expansion is the inter layer both people share (AB),
+    # A has one more of its own; one decoder body draws both from the two inter layers' outputs side by side
+    # (A: its own and AB's; B: AB's twice), so the swap (A's face with B's inputs) reaches the body in the form it
+    # was trained on for B. ~1.2x tiny's training time per face (docs/QUALITY.md)
+    "tiny_liae": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
+                      decoder_channels=(64, 32, 16), layout="liae"),
 }
+LAYOUTS = ("df", "liae")
 
 
 def model_config(name):
@@ -149,13 +157,25 @@ class DetailNet(nn.Module):
         return enlarged + self.to_rgb(self.up(self.body(self.head(face))))  # (B, 3, 128, 128)
 
 
+class Inter(nn.Sequential):
+    """A bottleneck code expanded to the decoders' 8x8 input, as the encoder's own expansion does (the LIAE
+    layout's inter layer of one person)."""
+
+    def __init__(self, latent_dim, top):
+        super().__init__(nn.Linear(latent_dim, top * 4 * 4), nn.Unflatten(1, (top, 4, 4)), UpscaleBlock(top, top // 2))
+
+
 class FaceSwapModel(nn.Module):
     """Shared encoder + decoder_a + decoder_b (+ a detail stage per person). forward(x, side) with side "a" or "b"
-    gives the decoder's face; draw(x, side) the face at the output size (through the detail stage, if any)."""
+    gives the decoder's face; draw(x, side) the face at the output size (through the detail stage, if any).
+
+    In the "liae" layout decoder_a and decoder_b are one module (one body): what tells it whose face to draw is
+    its input, the encoder's expansion of the code (shared by both people) beside A's own inter layer (inter_a)
+    for A, beside itself for B."""
 
     def __init__(self, name="original", input_size=64, encoder_channels=(128, 256, 512, 1024),
                  latent_dim=1024, decoder_channels=(256, 128, 64), residual_blocks=0, output_channels=3,
-                 output_kernel=5, encoder_size=None, detail_scale=1):
+                 output_kernel=5, encoder_size=None, detail_scale=1, layout="df"):
         super().__init__()
         encoder_size = encoder_size or input_size
         if input_size != 8 * 2 ** len(decoder_channels):
@@ -166,14 +186,22 @@ class FaceSwapModel(nn.Module):
             raise ValueError("too many encoder blocks for the input size")
         if output_channels not in (3, 4):
             raise ValueError("output_channels must be 3 (colour) or 4 (colour + mask)")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
         self.config = dict(name=name, input_size=input_size, encoder_channels=tuple(encoder_channels),
                            latent_dim=latent_dim, decoder_channels=tuple(decoder_channels),
                            residual_blocks=residual_blocks, output_channels=output_channels,
-                           output_kernel=output_kernel, encoder_size=encoder_size, detail_scale=detail_scale)
+                           output_kernel=output_kernel, encoder_size=encoder_size, detail_scale=detail_scale,
+                           layout=layout)
         self.encoder = Encoder(input_size, encoder_channels, latent_dim, encoder_size)
-        decoder = (encoder_channels[-1] // 2, decoder_channels, residual_blocks, output_channels, output_kernel)
-        self.decoder_a = Decoder(*decoder)
-        self.decoder_b = Decoder(*decoder)
+        top = encoder_channels[-1]
+        decoder = (top // 2, decoder_channels, residual_blocks, output_channels, output_kernel)
+        if layout == "liae":
+            self.inter_a = Inter(latent_dim, top)
+            self.decoder_a = self.decoder_b = Decoder(top, *decoder[1:])  # one body, the two inter outputs side by side
+        else:
+            self.decoder_a = Decoder(*decoder)
+            self.decoder_b = Decoder(*decoder)
         if detail_scale > 1:
             self.detail_a, self.detail_b = DetailNet(detail_scale), DetailNet(detail_scale)
 
@@ -219,9 +247,16 @@ class FaceSwapModel(nn.Module):
             return self.decoder_b
         raise ValueError(f"side must be 'a' or 'b', not {side!r}")
 
-    def forward(self, x, side):
+    def decode(self, code, side, expanded=None):
+        """side's face drawn from bottleneck codes; `expanded`: the encoder's expansion of them, if made already."""
         decoder = self.decoder(side)
-        return decoder(self.encoder(x))
+        z = self.encoder.expand(code) if expanded is None else expanded
+        if self.config["layout"] == "liae":
+            z = torch.cat([z if side == "b" else self.inter_a(code), z], 1)
+        return decoder(z)
+
+    def forward(self, x, side):
+        return self.decode(self.encoder.code(x), side)
 
     def forward_both(self, x_a, x_b):
         """One encoder pass over both sides' batches (cheaper than two), then each decoder."""
@@ -234,8 +269,8 @@ class FaceSwapModel(nn.Module):
         code = self.encoder.code(torch.cat([x_a, x_b]))
         z, n = self.encoder.expand(code), len(x_a)
         if not swaps:
-            return self.decoder_a(z[:n]), self.decoder_b(z[n:]), code, None
-        out_a, out_b = self.decoder_a(z), self.decoder_b(z)  # each decoder once over both sides
+            return self.decode(code[:n], "a", z[:n]), self.decode(code[n:], "b", z[n:]), code, None
+        out_a, out_b = self.decode(code, "a", z), self.decode(code, "b", z)  # each decoder once over both sides
         return out_a[:n], out_b[n:], code, (out_b[:n], out_a[n:])
 
 

@@ -77,6 +77,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny_edges15": f"{TINY_MASKED} --edges 15",
     # tiny's encoder with decoders twice as wide
     "tiny_wide": TINY_MASKED.replace("--model tiny", "--model tiny_wide"),
+    # tiny in DeepFaceLab's LIAE layout (one decoder body behind a shared and an own inter layer), the same recipe
+    "tiny_liae": TINY_MASKED.replace("--model tiny", "--model tiny_liae"),
     # 128 px out of tiny's encoder (the face averaged down to 64 px for it), the default's recipe
     "tiny128": TINY128,
     # tiny128 with the edge term

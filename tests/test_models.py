@@ -79,3 +79,28 @@ def test_detail_stage_starts_as_the_enlargement_and_draws_at_its_size():
     assert model.detail("a") is not model.detail("b")
     plain = models.build_model(models.model_config("tiny"))
     assert plain.output_size == 64 and torch.equal(plain.draw(x, "b"), plain(x, "b"))
+
+
+def test_liae_draws_both_people_with_one_body_behind_inter_layers():
+    """tiny_liae: decoder_a and decoder_b are one module; B's face comes from the shared expansion alone (A's own
+    inter layer does not touch it), A's from both; forward_training draws what forward does, swaps included; its
+    weights (the body under both names) rebuild it; a config from before layouts builds the DF layout."""
+    model = models.build_model(models.model_config("tiny_liae"))
+    assert model.decoder_a is model.decoder_b and model.config["layout"] == "liae"
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x, "a"), model(x, "b")
+        assert a.sub(b).abs().max() > 0
+        model.inter_a[0].bias.add_(0.5)
+        assert torch.equal(model(x, "b"), b) and model(x, "a").sub(a).abs().max() > 0
+        ya, yb, code, (ab, ba) = model.forward_training(x, x[:1], swaps=True)
+        for got, want in ((ya, model(x, "a")), (yb, model(x[:1], "b")), (ab, model(x, "b")), (ba, model(x[:1], "a"))):
+            assert torch.allclose(got, want, atol=1e-6)
+        rebuilt = models.model_from_checkpoint(dict(model=model.state_dict(), config=model.config, step=0)).eval()
+        model.eval()
+        assert torch.equal(rebuilt(x, "a"), model(x, "a")) and rebuilt.decoder_a is rebuilt.decoder_b
+    old = {k: v for k, v in models.model_config("tiny").items() if k != "layout"}
+    plain = models.build_model(old)
+    assert plain.config["layout"] == "df" and plain.decoder_a is not plain.decoder_b and not hasattr(plain, "inter_a")
+    with pytest.raises(ValueError, match="layout"):
+        models.FaceSwapModel(layout="lia")

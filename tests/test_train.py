@@ -346,3 +346,24 @@ def test_detail_stage_learns_and_converts(faces, tmp_path, capsys):
                                              "--output-path", str(tmp_path / "out.mp4"), "--max-frames", "3",
                                              "--workers", "1"], capsys)
     assert code == 0 and "3 frames (3 with a swapped face" in io.out, io.err
+
+
+def test_liae_layout_trains_and_resumes_exactly(faces, tmp_path):
+    """--model tiny_liae: 2 + 2 steps == 4 in one go, its one decoder body stored alike under both names, A's inter
+    layer learned, and the checkpoint rebuilds the model with models.py alone."""
+    def args(folder, steps):
+        a = tiny_args(faces, tmp_path / folder, "--iterations", str(steps))
+        a[a.index("tiny")] = "tiny_liae"
+        return a
+
+    assert train.main(args("once", 4)) == 0
+    assert train.main(args("twice", 2)) == 0 and train.main(args("twice", 4)) == 0
+    once, twice = weights(tmp_path / "once"), weights(tmp_path / "twice")
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+    assert all(torch.equal(v, once[k.replace("decoder_a.", "decoder_b.")]) for k, v in once.items()
+               if k.startswith("decoder_a."))
+    torch.manual_seed(0)
+    fresh = models.build_model(models.model_config("tiny_liae")).state_dict()
+    assert not torch.equal(fresh["inter_a.0.weight"], once["inter_a.0.weight"])
+    model, step = models.load_model(tmp_path / "once" / models.CHECKPOINT)
+    assert step == 4 and model.decoder_a is model.decoder_b
