@@ -1,5 +1,5 @@
-"""The face-swap autoencoder (one shared encoder, one decoder per person), the critics of train.py's adversarial
-losses, and the checkpoint file.
+"""The face-swap autoencoder (one shared encoder, one decoder per person; or, in the LIAE layout, one decoder body
+behind per-person inter layers), the critics of train.py's adversarial losses, and the checkpoint file.
 
 Presets only change the numbers in MODEL_CONFIGS: "original" is the tutorial's model exactly (64x64 faces,
 82.06 M parameters), "tiny" a sixteenth of its compute for CPUs, the *128 presets draw 128x128 faces. A checkpoint
@@ -49,7 +49,7 @@ MODEL_CONFIGS = {
     # tiny in DeepFaceLab's LIAE layout: the encoder's dense expansion is the inter layer both people share (AB),
     # A has one more of its own; one decoder body draws both from the two inter layers' outputs side by side
     # (A: its own and AB's; B: AB's twice), so the swap (A's face with B's inputs) reaches the body in the form it
-    # was trained on for B. ~1.2x tiny's training time per face (docs/QUALITY.md)
+    # was trained on for B. 1.18x tiny's training time per face (docs/QUALITY.md)
     "tiny_liae": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                       decoder_channels=(64, 32, 16), layout="liae"),
 }
