@@ -195,13 +195,13 @@ class FaceSwapModel(nn.Module):
                            layout=layout)
         self.encoder = Encoder(input_size, encoder_channels, latent_dim, encoder_size)
         top = encoder_channels[-1]
-        decoder = (top // 2, decoder_channels, residual_blocks, output_channels, output_kernel)
-        if layout == "liae":
+        decoder = (decoder_channels, residual_blocks, output_channels, output_kernel)
+        if layout == "liae":  # one body; its input is two expansions (top // 2 channels each) side by side
             self.inter_a = Inter(latent_dim, top)
-            self.decoder_a = self.decoder_b = Decoder(top, *decoder[1:])  # one body, the two inter outputs side by side
+            self.decoder_a = self.decoder_b = Decoder(2 * (top // 2), *decoder)
         else:
-            self.decoder_a = Decoder(*decoder)
-            self.decoder_b = Decoder(*decoder)
+            self.decoder_a = Decoder(top // 2, *decoder)
+            self.decoder_b = Decoder(top // 2, *decoder)
         if detail_scale > 1:
             self.detail_a, self.detail_b = DetailNet(detail_scale), DetailNet(detail_scale)
 
