@@ -348,6 +348,7 @@ def test_detail_stage_learns_and_converts(faces, tmp_path, capsys):
     assert code == 0 and "3 frames (3 with a swapped face" in io.out, io.err
 
 
+@pytest.mark.slow  # three training runs of a preset that is not the default: make test-all
 def test_liae_layout_trains_and_resumes_exactly(faces, tmp_path):
     """--model tiny_liae: 2 + 2 steps == 4 in one go, its one decoder body stored alike under both names, A's inter
     layer learned, and the checkpoint rebuilds the model with models.py alone."""
