@@ -137,7 +137,7 @@ def swap_faces(model, frames, chosen, side, settings=blend.BlendSettings(), batc
     size, out_size = model.input_size, model.output_size
     device = device or torch.device("cpu")
     jobs = [(i, landmarks) for i, frame_faces in enumerate(chosen) for landmarks in frame_faces]
-    crops = [align.warp_face(frames[i], align.align_matrix(landmarks, size, coverage=1.0), size)
+    crops = [align.warp_face(frames[i], align.align_matrix(landmarks, size, model.coverage), size)
              for i, landmarks in jobs]
     outputs, masks = [], []
     with torch.no_grad(), utils.autocast(device, dtype):
@@ -148,7 +148,7 @@ def swap_faces(model, frames, chosen, side, settings=blend.BlendSettings(), batc
             masks.extend(y[:, 3].float().cpu().numpy() if model.has_mask else [None] * len(x))
     result = list(frames)
     for (i, landmarks), face, mask in zip(jobs, outputs, masks):  # pasted with the matrix of the face's own size
-        result[i] = blend.paste_face(result[i], face, align.align_matrix(landmarks, out_size, coverage=1.0),
+        result[i] = blend.paste_face(result[i], face, align.align_matrix(landmarks, out_size, model.coverage),
                                      landmarks, settings, mask)
     return result
 

@@ -147,15 +147,17 @@ def psnr(x, y):
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
-def model_view_masks(landmarks, size, coverage=align.FACE_COVERAGE):
-    """Face-hull masks (N, 1, size, size) in the model's view of aligned faces; the mean face where unknown."""
+def model_view_masks(landmarks, size, share=align.FACE_COVERAGE):
+    """Face-hull masks (N, 1, size, size) in the model's view (the central `share`) of aligned faces; the mean face
+    where unknown."""
     full = align.FACE_SIZE
-    lo = full * (1 - coverage) / 2
+    lo = full * (1 - share) / 2
+    inner = size * align.FACE_COVERAGE / share  # the template's size in the view
     template = np.full((68, 2), np.nan)
-    template[align.ALIGN_POINTS] = align.MEAN_FACE * size
+    template[align.ALIGN_POINTS] = align.MEAN_FACE * inner + (size - inner) / 2
     masks = []
     for points in landmarks:
-        points = (points - lo) * size / (full * coverage) if np.isfinite(points).all() else template[align.ALIGN_POINTS]
+        points = (points - lo) * size / (full * share) if np.isfinite(points).all() else template[align.ALIGN_POINTS]
         masks.append(align.face_hull_mask(points, (size, size)))
     return torch.from_numpy(np.stack(masks)[:, None])
 
@@ -167,17 +169,18 @@ def reconstructions(model, heldout_a, heldout_b):
     for folders, side, other in ((heldout_a, "a", "b"), (heldout_b, "b", "a")):
         if folders:
             images, landmarks = records.load_faces(folders, quiet=True)
-            views, masks = model_views(images, landmarks, model.input_size)
+            views, masks = model_views(images, landmarks, model.input_size, model.face_share)
             found[f"{side.upper()}->{side.upper()}"] = reconstruction(model, views, masks, side)
             found[f"{side.upper()}->{other.upper()}"] = reconstruction(model, views, masks, other, swap=True)
     return found
 
 
-def model_views(images, landmarks, size):
-    """(views (N, 3, size, size), face-hull masks (N, 1, size, size)) of stored faces: what the model sees."""
-    views = tensors.to_tensor(np.stack([align.center_face(f, size) for f in images]))
+def model_views(images, landmarks, size, share=align.FACE_COVERAGE):
+    """(views (N, 3, size, size), face-hull masks (N, 1, size, size)) of stored faces: what the model sees (the
+    central `share` of each, model.face_share)."""
+    views = tensors.to_tensor(np.stack([align.center_face(f, size, share) for f in images]))
     landmarks = np.full((len(images), 68, 2), np.nan) if landmarks is None else landmarks
-    return views, model_view_masks(landmarks, size)
+    return views, model_view_masks(landmarks, size, share)
 
 
 def reconstruction(model, views, masks, side, batch=32, swap=False):

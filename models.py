@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import align
 import utils
 
 CHECKPOINT = "checkpoint.pt"            # train.py's latest checkpoint in its model folder
@@ -19,7 +20,9 @@ BEST_CHECKPOINT = "checkpoint_best.pt"  # the copy with the lowest loss so far
 # Presets: face size (in and out), encoder conv widths, bottleneck width, decoder widths, residual blocks
 # after each decoder upscale, output channels (3 = colour; 4 = colour + a learned face mask), the size the
 # encoder works at (the face is averaged down to it first; default the face size), and the layout ("df": a
-# decoder per person; "liae": DeepFaceLab's LIAE, one decoder body behind per-person inter layers).
+# decoder per person; "liae": DeepFaceLab's LIAE, one decoder body behind per-person inter layers). Every preset
+# also takes train.py's --coverage (the config key "coverage"): the share of the model's square that the face's
+# features (brows to lips, align.MEAN_FACE) fill; 1 is the tutorial's crop, smaller takes in the chin and cheeks.
 MODEL_CONFIGS = {
     # The tutorial's model: 3->128->256->512->1024, dense 1024, decoders 256->128->64.
     "original": dict(input_size=64, encoder_channels=(128, 256, 512, 1024), latent_dim=1024,
@@ -175,7 +178,7 @@ class FaceSwapModel(nn.Module):
 
     def __init__(self, name="original", input_size=64, encoder_channels=(128, 256, 512, 1024),
                  latent_dim=1024, decoder_channels=(256, 128, 64), residual_blocks=0, output_channels=3,
-                 output_kernel=5, encoder_size=None, detail_scale=1, layout="df"):
+                 output_kernel=5, encoder_size=None, detail_scale=1, layout="df", coverage=1.0):
         super().__init__()
         encoder_size = encoder_size or input_size
         if input_size != 8 * 2 ** len(decoder_channels):
@@ -188,11 +191,13 @@ class FaceSwapModel(nn.Module):
             raise ValueError("output_channels must be 3 (colour) or 4 (colour + mask)")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if not align.FACE_COVERAGE <= coverage <= 1:  # the model's square must lie inside the stored 256 px face
+            raise ValueError(f"coverage must be between {align.FACE_COVERAGE} and 1, not {coverage}")
         self.config = dict(name=name, input_size=input_size, encoder_channels=tuple(encoder_channels),
                            latent_dim=latent_dim, decoder_channels=tuple(decoder_channels),
                            residual_blocks=residual_blocks, output_channels=output_channels,
                            output_kernel=output_kernel, encoder_size=encoder_size, detail_scale=detail_scale,
-                           layout=layout)
+                           layout=layout, coverage=float(coverage))
         self.encoder = Encoder(input_size, encoder_channels, latent_dim, encoder_size)
         top = encoder_channels[-1]
         decoder = (decoder_channels, residual_blocks, output_channels, output_kernel)
@@ -208,6 +213,16 @@ class FaceSwapModel(nn.Module):
     @property
     def input_size(self):
         return self.config["input_size"]
+
+    @property
+    def coverage(self):
+        """The share of the model's square that the face's features fill (align.align_matrix's coverage)."""
+        return self.config["coverage"]
+
+    @property
+    def face_share(self):
+        """The central share of a stored (crop_face.py) face that the model sees (align.center_face's coverage)."""
+        return align.FACE_COVERAGE / self.config["coverage"]
 
     @property
     def output_size(self):

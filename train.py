@@ -65,6 +65,7 @@ EDGES = 0.0                           # weight of the masked loss's edge term (0
 GAN = 0.0                             # weight of the adversarial loss on the faces drawn (0 = none)
 GAN_LAST = 0.5                        # share of the run at the end with it (it sharpens a model that has settled)
 LIKENESS = 0.0                        # weight of the code discriminator's loss (0 = none)
+COVERAGE = 1.0                        # share of the model's square the face's features fill (1 = the tutorial's)
 SAVE_EVERY = 250                      # steps between checkpoints
 PREVIEW_EVERY = 250                   # steps between preview images
 LOG_EVERY = 10                        # steps between log.csv rows
@@ -111,6 +112,11 @@ def parse_args(argv=None):
                    help="weight of a code discriminator's loss: it learns whose face a bottleneck code came from, and "
                         "the encoder learns to make A's and B's codes alike, so that B's decoder draws B from A's "
                         "codes (DeepFaceLab's true_face_power; 0 = none)")
+    p.add_argument("--coverage", type=utils.number(align.FACE_COVERAGE, 1), default=COVERAGE,
+                   help="how much of the model's square the face's features (brows to lips) fill, from "
+                        f"{align.FACE_COVERAGE} to 1: 1 is the tutorial's tight crop, which leaves the chin, jaw and "
+                        "cheeks of the face being replaced; 0.8 takes them in (more of the new person's face shape, "
+                        "fewer pixels for each feature; docs/QUALITY.md). Kept in the checkpoint")
     p.add_argument("--init", type=Path, default=None,
                    help="start a new model from this checkpoint's weights (a pretrained base of the same --model)")
     p.add_argument("--init-parts", choices=["all", "encoder"], default="all",
@@ -155,17 +161,17 @@ def random_transform(size, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
     return mat
 
 
-def random_warp(image, rng, size=64, coverage=align.FACE_COVERAGE, sigma=5.0, transform=None, detail_size=None):
+def random_warp(image, rng, size=64, share=align.FACE_COVERAGE, sigma=5.0, transform=None, detail_size=None):
     """(warped input, target) at size x size from a 256 face, as the tutorial (and with detail_size, the same
     target at detail_size x detail_size as a third item).
 
-    A 5x5 grid over the central `coverage` of the face is jittered by N(0, sigma px);
+    A 5x5 grid over the central `share` of the face (what the model sees) is jittered by N(0, sigma px);
     the input is remapped through the jittered grid, the target is the same region
     taken with the similarity fit of the jittered grid to the regular one. `transform`
     (random_transform's matrix) moves the face first, as if the image had been warped by it.
     """
     full = image.shape[0]
-    half = full * coverage / 2
+    half = full * share / 2
     grid = np.linspace(full / 2 - half, full / 2 + half, 5)
     mapx = np.broadcast_to(grid, (5, 5)) + rng.normal(0, sigma * full / 256, (5, 5))
     mapy = np.broadcast_to(grid, (5, 5)).T + rng.normal(0, sigma * full / 256, (5, 5))
@@ -208,16 +214,16 @@ def region_weights(landmarks, size=align.FACE_SIZE, brow_lift=1.0):
 WEIGHT_SCALE = 60  # region weights are stored as uint8 = weight x 60 (so 3.0 -> 180)
 
 
-def make_batch(faces, rng, batch_size, size, warp=True, detail=None):
+def make_batch(faces, rng, batch_size, size, warp=True, detail=None, share=align.FACE_COVERAGE):
     """(input, target, weights) float tensors of randomly drawn, augmented faces: (B, 3, size, size) twice
     and the target's region weights (B, 1, size, size). `faces` is (N, 256, 256, 4): BGR + region weights.
     warp=False gives the target itself as the input (no random warp; for sharpness late in training).
     detail=(size, count): also the targets of the first `count` faces at that size and their weights, for the
-    detail stage (5 tensors)."""
+    detail stage (5 tensors). share: the central share of the stored faces the model sees (model.face_share)."""
     idx = rng.integers(len(faces), size=batch_size)
     inputs, targets, bigs = [], [], []
     for k, i in enumerate(idx):
-        made = random_warp(faces[i], rng, size, transform=random_transform(faces[i].shape[0], rng),
+        made = random_warp(faces[i], rng, size, share, transform=random_transform(faces[i].shape[0], rng),
                            detail_size=detail[0] if detail and k < detail[1] else None)
         inputs.append(made[0] if warp else made[1])
         targets.append(made[1])
@@ -238,19 +244,20 @@ class StepBatches(torch.utils.data.Dataset):
     Steps from `warp_until` on are drawn without the random warp. detail=(size, count): the first `count` faces of
     each side also come as targets at that size (make_batch), for the detail stage."""
 
-    def __init__(self, faces_a, faces_b, batch_size, size, seed, rank=0, warp_until=None, detail=None):
+    def __init__(self, faces_a, faces_b, batch_size, size, seed, rank=0, warp_until=None, detail=None,
+                 share=align.FACE_COVERAGE):
         self.faces = (faces_a, faces_b)
         self.batch_size, self.size, self.seed, self.rank = batch_size, size, seed, rank
-        self.warp_until, self.detail = warp_until, detail
-        self.previews = (preview_faces(faces_a, size=size), preview_faces(faces_b, size=size))
+        self.warp_until, self.detail, self.share = warp_until, detail, share
+        self.previews = (preview_faces(faces_a, size=size, share=share), preview_faces(faces_b, size=size, share=share))
 
     def __len__(self):
         return 2 ** 62
 
     def __getitem__(self, step):
         warp = self.warp_until is None or step < self.warp_until
-        return tuple(make_batch(faces, np.random.default_rng([self.seed, self.rank, step, side]),
-                                self.batch_size, self.size, warp, self.detail) for side, faces in enumerate(self.faces))
+        return tuple(make_batch(faces, np.random.default_rng([self.seed, self.rank, step, side]), self.batch_size,
+                                self.size, warp, self.detail, self.share) for side, faces in enumerate(self.faces))
 
 
 def _worker_init(_):
@@ -344,10 +351,10 @@ def mean_loss_improved(window, best_loss):
 # ---------------------------------------------------------------- preview
 
 
-def preview_faces(faces, count=6, size=64):
+def preview_faces(faces, count=6, size=64, share=align.FACE_COVERAGE):
     """A fixed, evenly spread set of un-augmented faces (model view) for previews."""
     idx = np.linspace(0, len(faces) - 1, min(count, len(faces))).round().astype(int)
-    return tensors.to_tensor(np.stack([align.center_face(faces[i, ..., :3], size) for i in idx]))
+    return tensors.to_tensor(np.stack([align.center_face(faces[i, ..., :3], size, share) for i in idx]))
 
 
 @torch.no_grad()
@@ -541,7 +548,7 @@ def prepare(args, device, quiet):
         if args.freeze_encoder and not args.init:
             raise utils.UserError("--freeze-encoder keeps a pretrained encoder: give the base with --init")
         torch.manual_seed(args.seed)
-        model = models.build_model(models.model_config(args.model))
+        model = models.build_model(dict(models.model_config(args.model), coverage=args.coverage))
         if args.init:
             init_from(model, args.init, quiet, args.init_parts)
         model.to(device).to(memory_format=torch.channels_last)
@@ -552,6 +559,9 @@ def prepare(args, device, quiet):
     if ckpt["config"].get("name") != args.model:
         raise utils.UserError(f"{ckpt_path} holds a {ckpt['config'].get('name')!r} model, not {args.model!r}; "
                               "pass --model to match or use another --model-dir")
+    if ckpt["config"].get("coverage", 1.0) != args.coverage:
+        raise utils.UserError(f"{ckpt_path} was trained with --coverage {ckpt['config'].get('coverage', 1.0):g}, "
+                              f"not {args.coverage:g}; pass that --coverage or use another --model-dir")
     model = models.model_from_checkpoint(ckpt).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args.lr)
     optimizer.load_state_dict(ckpt["optimizer"])  # the loop sets this run's learning rate at every step
@@ -829,7 +839,7 @@ def train(args, rank, world, device):
     schedule = Schedule(args, step, world)
     dataset = StepBatches(faces_a, faces_b, args.batch_size, model.input_size, args.seed, rank, schedule.warp_from,
                           detail=(model.output_size, max(1, round(args.batch_size * DETAIL_SHARE)))
-                          if model.output_size > model.input_size else None)
+                          if model.output_size > model.input_size else None, share=model.face_share)
     if main_rank:
         announce(args, model, device, dtype, world, (len(faces_a), len(faces_b)), step)
     step, stop_reason, interrupted = loop(args, parts, dataset, schedule, step, best_loss, main_rank)

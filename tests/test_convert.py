@@ -5,6 +5,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from conftest import OBAMA, make_clip, run_main
 
@@ -270,3 +271,23 @@ def test_auto_precision_is_fp32_on_a_cpu_without_amx_and_the_swap_matches_bf16(o
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(x.contiguous(memory_format=torch.channels_last), "b").float()
     assert (fp32 - bf16).abs().max() < 0.03
+
+
+def test_coverage_swaps_the_chin_and_jaw_too(obama_faces):
+    """A model trained with --coverage 0.8 sees (and so replaces) the upper chin and the jaw's sides, which the
+    tutorial's crop (coverage 1) leaves to the person in the frame."""
+    frame, landmarks = first_frame_and_face(obama_faces)
+    lip, chin = landmarks[57], landmarks[8]
+    below_lips = align.face_hull_mask(landmarks, frame.shape) > 0  # the face from 15 % to 35 % of the way lip -> chin
+    below_lips[:int(lip[1] + 0.15 * (chin[1] - lip[1]))] = below_lips[int(lip[1] + 0.35 * (chin[1] - lip[1])):] = 0
+    changed = {}
+    for coverage in (1.0, 0.8):
+        torch.manual_seed(0)
+        model = models.build_model(dict(models.model_config("tiny"), coverage=coverage)).eval()
+        assert model.face_share == pytest.approx(align.FACE_COVERAGE / coverage)
+        settings = blend.BlendSettings(color="none", sharpen=0, detail=0)
+        out = convert_video.swap_faces(model, [frame], [[landmarks]], "b", settings)[0]
+        changed[coverage] = (out != frame).any(2)
+    assert changed[1.0][below_lips].mean() < 0.2
+    assert changed[0.8][below_lips].mean() > 0.8
+    assert changed[0.8].sum() > 1.3 * changed[1.0].sum()

@@ -206,7 +206,7 @@ def test_detail_in_the_models_view_reads_blur_and_the_swap(obama_faces):
     """A decoder that blurs what it draws has less of the real faces' detail, most of all at the model's own size;
     the swap (the other side's decoder) is measured on the same faces, without the figures that need a target."""
     class Blurring(torch.nn.Module):
-        input_size = 64
+        input_size, face_share = 64, align.FACE_COVERAGE  # the tutorial's crop
 
         def forward(self, x, side):  # side b blurs twice as wide as side a
             k = 3 if side == "a" else 5

@@ -104,3 +104,16 @@ def test_liae_draws_both_people_with_one_body_behind_inter_layers():
     assert plain.config["layout"] == "df" and plain.decoder_a is not plain.decoder_b and not hasattr(plain, "inter_a")
     with pytest.raises(ValueError, match="layout"):
         models.FaceSwapModel(layout="lia")
+
+
+def test_coverage_is_part_of_the_config():
+    """coverage (train.py --coverage) is kept in the config a checkpoint carries; a config from before it builds the
+    tutorial's crop (1); values that would reach past the stored face are refused."""
+    old = {k: v for k, v in models.model_config("tiny").items() if k != "coverage"}
+    assert models.build_model(old).coverage == 1.0
+    wide = models.build_model(dict(models.model_config("tiny"), coverage=0.8))
+    rebuilt = models.model_from_checkpoint(dict(model=wide.state_dict(), config=wide.config, step=0))
+    assert rebuilt.coverage == 0.8 and rebuilt.face_share == pytest.approx(160 / 256 / 0.8)
+    for bad in (0.6, 1.1):
+        with pytest.raises(ValueError, match="coverage"):
+            models.build_model(dict(models.model_config("tiny"), coverage=bad))

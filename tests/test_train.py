@@ -8,6 +8,7 @@ import torch
 
 from conftest import OBAMA, ctrl_c_at_step, run_main
 
+import align
 import convert_video
 import models
 import train
@@ -368,3 +369,30 @@ def test_liae_layout_trains_and_resumes_exactly(faces, tmp_path):
     assert not torch.equal(fresh["inter_a.0.weight"], once["inter_a.0.weight"])
     model, step = models.load_model(tmp_path / "once" / models.CHECKPOINT)
     assert step == 4 and model.decoder_a is model.decoder_b
+
+
+def test_coverage_trains_the_wider_square_and_stays_with_the_checkpoint(faces, tmp_path, capsys):
+    """--coverage 0.8: the model learns the central 0.78 of the stored faces (its targets are that square, the
+    features smaller in it), the checkpoint carries the value (convert_video.py and evaluate.py read it there),
+    and a resume with another --coverage, or a value outside [FACE_COVERAGE, 1], is a one-line error."""
+    loaded = train.load_training_faces([faces[1]], quiet=True)
+    rng = [np.random.default_rng(3) for _ in range(2)]
+    tight = train.make_batch(loaded, rng[0], 4, 64, warp=False)[1]
+    wide = train.make_batch(loaded, rng[1], 4, 64, warp=False, share=align.FACE_COVERAGE / 0.8)[1]
+    # the same faces and moves: the tight target is the wide one's centre, enlarged by 1 / 0.8
+    centre = torch.nn.functional.interpolate(wide, size=80, mode="bilinear", align_corners=False)[..., 8:72, 8:72]
+    assert (centre - tight).abs().mean() < 0.02 and (wide - tight).abs().mean() > 0.05
+    model_dir = tmp_path / "m"
+    assert train.main(tiny_args(faces, model_dir, "--iterations", "2", "--coverage", "0.8")) == 0
+    model = models.load_model(model_dir / models.CHECKPOINT)[0]
+    assert model.coverage == 0.8 and model.face_share == pytest.approx(0.78125)
+    capsys.readouterr()
+    for extra in ([], ["--coverage", "0.7"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_args(faces, model_dir, "--iterations", "3", *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and "trained with --coverage 0.8" in err and "Traceback" not in err
+    assert train.main(tiny_args(faces, model_dir, "--iterations", "3", "--coverage", "0.8")) == 0
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(faces, tmp_path / "n", "--coverage", "0.5"))
+    assert e.value.code == 2 and "--coverage: must be a number from 0.625 to 1" in capsys.readouterr().err
