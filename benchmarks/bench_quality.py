@@ -75,6 +75,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the default with an L1 on the image gradients inside the face (the gradient difference loss), two weights
     "tiny_edges5": f"{TINY_MASKED} --edges 5",
     "tiny_edges15": f"{TINY_MASKED} --edges 15",
+    # the default with a wider crop: the face's features fill 0.8 of the model's square, so the chin, jaw and cheeks
+    # are drawn as B's too (the same compute per face as the default)
+    "tiny_cover80": f"{TINY_MASKED} --coverage 0.8",
     # tiny's encoder with decoders twice as wide
     "tiny_wide": TINY_MASKED.replace("--model tiny", "--model tiny_wide"),
     # tiny in DeepFaceLab's LIAE layout (one decoder body behind a shared and an own inter layer), the same recipe
@@ -131,7 +134,9 @@ def parse_args(argv=None):
                         "faces")
     p.add_argument("--ceiling", action="store_true",
                    help="only measure what a perfect model could reach: each pair's held-out A frames with their own "
-                        "face cut out at the model's size (64 and 128 px) and pasted back as convert_video.py pastes")
+                        "face cut out at the model's size (64 and 128 px) and pasted back as convert_video.py pastes "
+                        "(detail), and with B's held-out faces pasted over them (likeness), at each --coverage of "
+                        "CEILING_COVERAGES")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only measure the recipes' speed (do it on an idle machine; later runs reuse it)")
     p.add_argument("--stage", choices=["all", "train", "evaluate"], default="all",
@@ -408,27 +413,50 @@ def gather_sheets(out, pairs, recipes, budgets, path, face=SHEET_SIZE):
     utils.write_image(path, np.vstack(rows), jpeg_quality=85)
 
 
-def ceiling(pair, out, size, every):
-    """The fine and feature-scale detail ratios of a perfect model of `size` px: A's own held-out faces, cut out
-    as the model sees them and pasted back with the raw conversion (no colour change, texture or sharpening)."""
-    _, test_frames = prepare_pair(pair, out)
-    analyzer = faces.FaceAnalyzer()
-    settings = blend.BlendSettings(color="none", sharpen=0, detail=0)
-    fine, feature = [], []
-    for path in utils.list_images(test_frames)[::every]:
+CEILING_COVERAGES = (1.0, 0.8, 0.7)  # train.py --coverage values the ceiling is measured at
+
+
+def ceiling(pair, out, size, every, coverage=1.0):
+    """What a perfect model of `size` px that draws the square of `coverage` (train.py --coverage) could reach.
+
+    Detail: A's own held-out faces, cut out as the model sees them and pasted back with the raw conversion (no
+    colour change, texture or sharpening): fine and feature-scale ratios. Likeness: B's own held-out faces (B's
+    held-out frames in turn, in their own pose) cut out alike and pasted over A's with the raw conversion, measured
+    as evaluate.py measures a swap (transfer index): how much of B the pasted square can carry at all."""
+    faces_, test_frames = prepare_pair(pair, out)
+    analyzer, embedder = faces.FaceAnalyzer(), faces.FaceEmbedder()
+    plain = blend.BlendSettings(color="none", sharpen=0, detail=0)
+    raw = blend.BlendSettings(sharpen=0, detail=0)  # convert_video.py with RAW_FLAGS (colour matched)
+    reference = faces.person_embedding(faces_["B"][0])
+    heldout = float(np.linalg.norm(faces.face_embeddings(faces_["B"][1]) - reference, axis=1).mean())
+    donors = []  # B's held-out faces at this size and coverage
+    for folder in faces_["B"][1]:
+        for path in utils.list_images(folder.parent / "heldout")[::3]:
+            found = analyzer.analyze(image := utils.read_image(path))
+            if found:
+                donors.append(align.warp_face(image, align.align_matrix(found[0][1], size, coverage), size))
+    fine, feature, source, swapped = [], [], [], []
+    for k, path in enumerate(utils.list_images(test_frames)[::every]):
         frame = utils.read_image(path)
         found = analyzer.analyze(frame)
         if not found:
             continue
         landmarks = found[0][1]
-        matrix = align.align_matrix(landmarks, size, coverage=1.0)
-        pasted = blend.paste_face(frame, align.warp_face(frame, matrix, size), matrix, landmarks, settings)
+        matrix = align.align_matrix(landmarks, size, coverage)
+        pasted = blend.paste_face(frame, align.warp_face(frame, matrix, size), matrix, landmarks, plain)
         interior = align.face_interior_mask(landmarks, frame.shape)
         fine.append(align.sharpness(pasted, landmarks, interior) / align.sharpness(frame, landmarks, interior))
         feature.append(evaluate.feature_sharpness(pasted, landmarks, interior)
                        / evaluate.feature_sharpness(frame, landmarks, interior))
-    return dict(pair=pair, size=size, frames=len(fine), fine=round(float(np.mean(fine)), 3),
-                feature_scale=round(float(np.mean(feature)), 3))
+        swap = blend.paste_face(frame, donors[k % len(donors)], matrix, landmarks, raw)
+        again = analyzer.analyze(swap)
+        if again:
+            source.append(np.linalg.norm(embedder.embed(frame, landmarks) - reference))
+            swapped.append(np.linalg.norm(embedder.embed(swap, again[0][1]) - reference))
+    start = float(np.mean(source))
+    return dict(pair=pair, size=size, coverage=coverage, frames=len(fine), fine=round(float(np.mean(fine)), 3),
+                feature_scale=round(float(np.mean(feature)), 3),
+                transfer=round((start - float(np.mean(swapped))) / max(start - heldout, 1e-6), 3))
 
 
 def summary_row(pair, recipe, minutes, steps, results):
@@ -605,7 +633,8 @@ def main(argv=None):
         gather_sheets(args.out, args.pairs, [recipe_flags(spec)[0] for spec in args.recipes], args.budgets, args.sheet)
         return 0
     if args.ceiling:
-        rows = [ceiling(pair, args.out, size, args.eval_every) for pair in args.pairs for size in (64, 128)]
+        rows = [ceiling(pair, args.out, size, args.eval_every, coverage)
+                for pair in args.pairs for coverage in CEILING_COVERAGES for size in (64, 128)]
         utils.write_json(args.out / "ceiling.json", rows)
         print(json.dumps(rows, indent=1))
         return 0
