@@ -224,6 +224,7 @@ def test_sharpen_auto_brings_back_detail_up_to_the_source_and_no_further(obama_f
         assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_detail_keeps_the_replaced_faces_texture_but_not_its_edges(obama_faces):
     """--detail: the band finer than the model's pixels comes from the face being replaced, limited in amplitude:
     its skin texture and grain carry over, the strong edges of its eyes and mouth (its features) do not."""

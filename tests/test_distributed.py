@@ -48,6 +48,7 @@ def ddp_worker(rank, world, port, out_path):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_by_32_equals_one_by_64(tmp_path):
     out = tmp_path / "ddp_grads.pt"
     tmp_mp.spawn(ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)

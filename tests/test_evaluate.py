@@ -101,6 +101,7 @@ def test_blurred_copy_is_much_less_sharp(obama_faces, reagan_faces, tmp_path):
     assert result["pose"]["error_deg"] < 2.0  # blur barely moves the landmarks
 
 
+@pytest.mark.slow
 def test_transfer_index_and_noise_control(obama_faces, reagan_faces, tiny_model, tmp_path):
     """A's own frames 'converted' to themselves are at transfer 0 exactly (still A); the noise control brings a
     blurred copy's fine detail back to the source's with noise, while its feature-scale figure stays low."""

@@ -331,6 +331,7 @@ def test_init_encoder_only_and_frozen_keeps_the_base_encoder(faces, tmp_path, ca
     assert code == 1 and "--freeze-encoder" in io.err and "Traceback" not in io.err
 
 
+@pytest.mark.slow
 def test_detail_stage_learns_and_converts(faces, tmp_path, capsys):
     """--model tiny_detail: the detail stages learn from the real faces at 128 px (their last layer leaves zero,
     where it starts), resume from the checkpoint, and convert_video.py pastes their faces."""
@@ -371,6 +372,7 @@ def test_liae_layout_trains_and_resumes_exactly(faces, tmp_path):
     assert step == 4 and model.decoder_a is model.decoder_b
 
 
+@pytest.mark.slow
 def test_coverage_trains_the_wider_square_and_stays_with_the_checkpoint(faces, tmp_path, capsys):
     """--coverage 0.8: the model learns the central 0.78 of the stored faces (its targets are that square, the
     features smaller in it), the checkpoint carries the value (convert_video.py and evaluate.py read it there),
