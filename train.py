@@ -559,10 +559,10 @@ def prepare(args, device, quiet):
     if ckpt["config"].get("name") != args.model:
         raise utils.UserError(f"{ckpt_path} holds a {ckpt['config'].get('name')!r} model, not {args.model!r}; "
                               "pass --model to match or use another --model-dir")
-    if ckpt["config"].get("coverage", 1.0) != args.coverage:
-        raise utils.UserError(f"{ckpt_path} was trained with --coverage {ckpt['config'].get('coverage', 1.0):g}, "
-                              f"not {args.coverage:g}; pass that --coverage or use another --model-dir")
     model = models.model_from_checkpoint(ckpt).to(device).to(memory_format=torch.channels_last)
+    if model.coverage != args.coverage:  # the model's config says it (models.py's default for older checkpoints)
+        raise utils.UserError(f"{ckpt_path} was trained with --coverage {model.coverage:g}, not {args.coverage:g}; "
+                              "pass that --coverage or use another --model-dir")
     optimizer = make_optimizer(model, args.lr)
     optimizer.load_state_dict(ckpt["optimizer"])  # the loop sets this run's learning rate at every step
     if not quiet:

@@ -453,10 +453,10 @@ def ceiling(pair, out, size, every, coverage=1.0):
         if again:
             source.append(np.linalg.norm(embedder.embed(frame, landmarks) - reference))
             swapped.append(np.linalg.norm(embedder.embed(swap, again[0][1]) - reference))
-    start = float(np.mean(source))
+    distances = dict(mean_distance_source_to_B=float(np.mean(source)), mean_distance_to_B=float(np.mean(swapped)))
     return dict(pair=pair, size=size, coverage=coverage, frames=len(fine), fine=round(float(np.mean(fine)), 3),
                 feature_scale=round(float(np.mean(feature)), 3),
-                transfer=round((start - float(np.mean(swapped))) / max(start - heldout, 1e-6), 3))
+                transfer=round(evaluate.transfer_index(distances, "B", heldout), 3))
 
 
 def summary_row(pair, recipe, minutes, steps, results):
