@@ -236,31 +236,34 @@ def gallery_embedding(files, analyzer, embedder, samples=GALLERY_SAMPLES):
 
 
 def load_gallery(folder, analyzer, embedder):
-    """{person: mean embedding} of a gallery folder, cached in folder/.embeddings.json by file size and time."""
+    """{person: mean embedding} of a gallery folder, cached in folder/.embeddings.json by file size and time.
+
+    The cache is written after each person that had to be computed (about a minute each), so an interrupted run,
+    or another one started meanwhile, does not compute them again."""
     folder = Path(folder)
     if not folder.is_dir():
         raise utils.UserError(f"gallery folder not found: {folder}")
     cache_path = folder / ".embeddings.json"
-    cache = utils.read_json(cache_path) if cache_path.is_file() else {}
-    gallery, changed = {}, False
+    gallery = {}
     for person in tqdm(sorted(p for p in folder.iterdir() if p.is_dir()), desc="gallery", unit="person",
                        leave=False):
         files = media_files(person)
         key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        cache = utils.read_json(cache_path) if cache_path.is_file() else {}  # re-read: another run may have added
         entry = cache.get(person.name)
         if entry is None or entry.get("files") != key:
             embedding, count = gallery_embedding(files, analyzer, embedder)
             entry = dict(files=key, faces=count, embedding=None if embedding is None else embedding.tolist())
-            cache[person.name], changed = entry, True
+            cache = utils.read_json(cache_path) if cache_path.is_file() else {}
+            cache[person.name] = entry
+            try:
+                utils.write_json(cache_path, cache)
+            except OSError:
+                pass  # a read-only gallery works, it is just not cached
         if entry["embedding"] is None:
             tqdm.write(f"warning: no face found for gallery person {person.name}; left out")
             continue
         gallery[person.name] = np.array(entry["embedding"])
-    if changed:
-        try:
-            utils.write_json(cache_path, cache)
-        except OSError:
-            pass  # a read-only gallery works, it is just not cached
     if not gallery:
         raise utils.UserError(f"no people in the gallery {folder} (expected <person>/ subfolders of photos or clips)")
     return gallery

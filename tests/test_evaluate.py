@@ -57,6 +57,34 @@ def gallery(tmp_path_factory):
     return folder
 
 
+def test_gallery_cache_keeps_each_person_as_it_is_computed(gallery, tmp_path, monkeypatch):
+    folder = tmp_path / "gallery"
+    for person in ("biden", "obama"):
+        (folder / person).mkdir(parents=True)
+        for f in (gallery / person).iterdir():
+            (folder / person / f.name).symlink_to(f.resolve())
+    analyzer, embedder = faces.FaceAnalyzer(), faces.FaceEmbedder()
+    real, computed = evaluate.gallery_embedding, []
+
+    def interrupted_at_obama(files, *models):
+        if files[0].parent.name == "obama":
+            raise KeyboardInterrupt
+        computed.append(files[0].parent.name)
+        return real(files, *models)
+
+    monkeypatch.setattr(evaluate, "gallery_embedding", interrupted_at_obama)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.load_gallery(folder, analyzer, embedder)
+    assert json.loads((folder / ".embeddings.json").read_text()).keys() == {"biden"}  # Biden's minute is kept
+
+    monkeypatch.setattr(evaluate, "gallery_embedding", lambda files, *models: (computed.append(
+        files[0].parent.name), real(files, *models))[1])
+    people = evaluate.load_gallery(folder, analyzer, embedder)
+    assert computed == ["biden", "obama"]  # the run after it computed only Obama
+    assert people.keys() == {"biden", "obama"}
+    assert np.linalg.norm(people["biden"] - people["obama"]) > 0.6
+
+
 def evaluate_clip(converted, source, faces, tmp_path, *extra):
     return evaluate.run(evaluate.parse_args([
         "--converted-path", str(converted), "--source-path", str(source), "--faces-a", str(faces[0] / "faces"),
