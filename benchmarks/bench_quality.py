@@ -418,8 +418,9 @@ def gather_sheets(out, pairs, recipes, budgets, path, face=SHEET_SIZE):
 CEILING_COVERAGES = (1.0, 0.8, 0.7)  # train.py --coverage values the ceiling is measured at
 
 
-def ceiling(pair, out, size, every, coverage=1.0):
-    """What a perfect model of `size` px that draws the square of `coverage` (train.py --coverage) could reach.
+def ceiling(pair, out, every, cases):
+    """What a perfect model could reach, for each (size, coverage) in `cases`: a model of `size` px that draws the
+    square of `coverage` (train.py --coverage). The faces are found once per pair, then cut out for every case.
 
     Detail: A's own held-out faces, cut out as the model sees them and pasted back with the raw conversion (no
     colour change, texture or sharpening): fine and feature-scale ratios. Likeness: B's own held-out faces (B's
@@ -431,34 +432,38 @@ def ceiling(pair, out, size, every, coverage=1.0):
     raw = blend.BlendSettings(sharpen=0, detail=0)  # convert_video.py with RAW_FLAGS (colour matched)
     reference = faces.person_embedding(faces_["B"][0])
     heldout = float(np.linalg.norm(faces.face_embeddings(faces_["B"][1]) - reference, axis=1).mean())
-    donors = []  # B's held-out faces at this size and coverage
+    donors = []  # B's held-out frames and their landmarks
     for folder in faces_["B"][1]:
         for path in utils.list_images(folder.parent / "heldout")[::3]:
-            found = analyzer.analyze(image := utils.read_image(path))
-            if found:
-                donors.append(align.warp_face(image, align.align_matrix(found[0][1], size, coverage), size))
-    fine, feature, source, swapped = [], [], [], []
-    for k, path in enumerate(utils.list_images(test_frames)[::every]):
-        frame = utils.read_image(path)
-        found = analyzer.analyze(frame)
-        if not found:
-            continue
-        landmarks = found[0][1]
-        matrix = align.align_matrix(landmarks, size, coverage)
-        pasted = blend.paste_face(frame, align.warp_face(frame, matrix, size), matrix, landmarks, plain)
-        interior = align.face_interior_mask(landmarks, frame.shape)
-        fine.append(align.sharpness(pasted, landmarks, interior) / align.sharpness(frame, landmarks, interior))
-        feature.append(evaluate.feature_sharpness(pasted, landmarks, interior)
-                       / evaluate.feature_sharpness(frame, landmarks, interior))
-        swap = blend.paste_face(frame, donors[k % len(donors)], matrix, landmarks, raw)
-        again = analyzer.analyze(swap)
-        if again:
-            source.append(np.linalg.norm(embedder.embed(frame, landmarks) - reference))
-            swapped.append(np.linalg.norm(embedder.embed(swap, again[0][1]) - reference))
-    distances = dict(mean_distance_source_to_B=float(np.mean(source)), mean_distance_to_B=float(np.mean(swapped)))
-    return dict(pair=pair, size=size, coverage=coverage, frames=len(fine), fine=round(float(np.mean(fine)), 3),
-                feature_scale=round(float(np.mean(feature)), 3),
-                transfer=round(evaluate.transfer_index(distances, "B", heldout), 3))
+            if found := analyzer.analyze(image := utils.read_image(path)):
+                donors.append((image, found[0][1]))
+    targets = []  # A's held-out frames: landmarks, face interior, detail of the real face, distance to B
+    for path in utils.list_images(test_frames)[::every]:
+        if found := analyzer.analyze(frame := utils.read_image(path)):
+            landmarks = found[0][1]
+            interior = align.face_interior_mask(landmarks, frame.shape)
+            targets.append((frame, landmarks, interior, align.sharpness(frame, landmarks, interior),
+                            evaluate.feature_sharpness(frame, landmarks, interior),
+                            np.linalg.norm(embedder.embed(frame, landmarks) - reference)))
+    rows = []
+    for size, coverage in cases:
+        fine, feature, source, swapped = [], [], [], []
+        for k, (frame, landmarks, interior, frame_fine, frame_feature, frame_distance) in enumerate(targets):
+            matrix = align.align_matrix(landmarks, size, coverage)
+            pasted = blend.paste_face(frame, align.warp_face(frame, matrix, size), matrix, landmarks, plain)
+            fine.append(align.sharpness(pasted, landmarks, interior) / frame_fine)
+            feature.append(evaluate.feature_sharpness(pasted, landmarks, interior) / frame_feature)
+            image, donor_landmarks = donors[k % len(donors)]
+            donor = align.warp_face(image, align.align_matrix(donor_landmarks, size, coverage), size)
+            swap = blend.paste_face(frame, donor, matrix, landmarks, raw)
+            if again := analyzer.analyze(swap):
+                source.append(frame_distance)
+                swapped.append(np.linalg.norm(embedder.embed(swap, again[0][1]) - reference))
+        distances = dict(mean_distance_source_to_B=float(np.mean(source)), mean_distance_to_B=float(np.mean(swapped)))
+        rows.append(dict(pair=pair, size=size, coverage=coverage, frames=len(fine),
+                         fine=round(float(np.mean(fine)), 3), feature_scale=round(float(np.mean(feature)), 3),
+                         transfer=round(evaluate.transfer_index(distances, "B", heldout), 3)))
+    return rows
 
 
 def summary_row(pair, recipe, minutes, steps, results):
@@ -635,8 +640,8 @@ def main(argv=None):
         gather_sheets(args.out, args.pairs, [recipe_flags(spec)[0] for spec in args.recipes], args.budgets, args.sheet)
         return 0
     if args.ceiling:
-        rows = [ceiling(pair, args.out, size, args.eval_every, coverage)
-                for pair in args.pairs for coverage in CEILING_COVERAGES for size in (64, 128)]
+        cases = [(size, coverage) for coverage in CEILING_COVERAGES for size in (64, 128)]
+        rows = [row for pair in args.pairs for row in ceiling(pair, args.out, args.eval_every, cases)]
         utils.write_json(args.out / "ceiling.json", rows)
         print(json.dumps(rows, indent=1))
         return 0
