@@ -20,7 +20,6 @@ Tiny run:
     python crop_from_video.py --video-path clip.mp4 --save-dir /tmp/frames --max-frames 20
 """
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
@@ -36,7 +35,6 @@ EVERY = 1                             # keep every Nth frame
 MAX_FRAMES = 0                        # stop after this many frames written (0 = no limit)
 IMAGE_FORMAT = "png"                  # png (lossless) or jpg (smaller)
 SAVE_SECONDS = 5                      # frames.json is rewritten this often while extracting
-DIGEST_SPAN = 1 << 20                 # bytes read at each end of the video to tell videos apart
 
 
 def frame_name(index, ext="png"):
@@ -60,23 +58,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def content_digest(path, span=DIGEST_SPAN):
-    """SHA-256 of the file's first and last `span` bytes: the video's identity by its contents, so that a copy,
-    a move or a touched file is still the same video (its time is not)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(span))
-        size = f.seek(0, 2)
-        f.seek(max(span, size - span))
-        digest.update(f.read(span))
-    return digest.hexdigest()
-
-
 def source_record(args, source):
     """What identifies this extraction: the video file (its size and contents; its path for the reader) and the
     settings."""
     return dict(source=str(args.video_path.resolve()), source_bytes=args.video_path.stat().st_size,
-                source_digest=content_digest(args.video_path), every=args.every, start=args.start, end=args.end,
+                source_digest=utils.content_digest(args.video_path), every=args.every, start=args.start, end=args.end,
                 max_frames=args.max_frames, format=args.format)
 
 

@@ -236,7 +236,8 @@ def gallery_embedding(files, analyzer, embedder, samples=GALLERY_SAMPLES):
 
 
 def load_gallery(folder, analyzer, embedder):
-    """{person: mean embedding} of a gallery folder, cached in folder/.embeddings.json by file size and time.
+    """{person: mean embedding} of a gallery folder, cached in folder/.embeddings.json by the files' names, sizes
+    and contents (not their times: a copied or re-linked gallery keeps its cache).
 
     The cache is written after each person that had to be computed (about a minute each), so an interrupted run,
     or another one started meanwhile, does not compute them again."""
@@ -248,7 +249,7 @@ def load_gallery(folder, analyzer, embedder):
     for person in tqdm(sorted(p for p in folder.iterdir() if p.is_dir()), desc="gallery", unit="person",
                        leave=False):
         files = media_files(person)
-        key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        key = [[p.name, p.stat().st_size, utils.content_digest(p)] for p in files]
         cache = utils.read_json(cache_path) if cache_path.is_file() else {}  # re-read: another run may have added
         entry = cache.get(person.name)
         if entry is None or entry.get("files") != key:

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -123,6 +124,21 @@ def write_bytes_atomic(path, data):
             raise UserError(f"the disk is full: could not write {path} ({size} needed); "
                             "free some space and run again (the file there before is kept)") from None
         raise
+
+
+DIGEST_SPAN = 1 << 20  # bytes read at each end of a file to tell files apart
+
+
+def content_digest(path, span=DIGEST_SPAN):
+    """SHA-256 of the file's first and last `span` bytes: a file's identity by its contents, so that a copy, a move
+    or a touched file is still the same file (its time is not)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        size = f.seek(0, 2)
+        f.seek(max(span, size - span))
+        digest.update(f.read(span))
+    return digest.hexdigest()
 
 
 def write_json(path, obj, indent=1):
