@@ -646,13 +646,13 @@ def main(argv=None):
         print(json.dumps(rows, indent=1))
         return 0
     if args.calibrate_only:
-        faces, _ = prepare_pair(args.pairs[0], args.out)
+        pair_faces, _ = prepare_pair(args.pairs[0], args.out)
         for spec in args.recipes:
             name, flags = recipe_flags(spec)
             if args.device == "cpu":
-                print(f"{name}: {recipe_rate(name, flags, faces, args):.2f} samples/s")
+                print(f"{name}: {recipe_rate(name, flags, pair_faces, args):.2f} samples/s")
             else:  # another device's speed, for comparison only (budgets stay minutes of this CPU)
-                rate = calibrate(flags, faces, args.out / "calibrating", args.calibrate_seconds, **on_device(args))
+                rate = calibrate(flags, pair_faces, args.out / "calibrating", args.calibrate_seconds, **on_device(args))
                 print(f"{name} on {args.device}: {rate:.2f} samples/s")
                 record_rate(args.out / f"rates_{args.device.replace(':', '')}.json", name, flags, rate)
         return 0
