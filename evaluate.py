@@ -245,17 +245,22 @@ def load_gallery(folder, analyzer, embedder):
     if not folder.is_dir():
         raise utils.UserError(f"gallery folder not found: {folder}")
     cache_path = folder / ".embeddings.json"
-    gallery = {}
+
+    def read_cache():
+        return utils.read_json(cache_path) if cache_path.is_file() else {}
+
+    cache, gallery = read_cache(), {}
     for person in tqdm(sorted(p for p in folder.iterdir() if p.is_dir()), desc="gallery", unit="person",
                        leave=False):
         files = media_files(person)
         key = [[p.name, p.stat().st_size, utils.content_digest(p)] for p in files]
-        cache = utils.read_json(cache_path) if cache_path.is_file() else {}  # re-read: another run may have added
+        if cache.get(person.name, {}).get("files") != key:
+            cache = read_cache()  # another run may have computed this person since
         entry = cache.get(person.name)
         if entry is None or entry.get("files") != key:
             embedding, count = gallery_embedding(files, analyzer, embedder)
             entry = dict(files=key, faces=count, embedding=None if embedding is None else embedding.tolist())
-            cache = utils.read_json(cache_path) if cache_path.is_file() else {}
+            cache = read_cache()  # and kept others meanwhile
             cache[person.name] = entry
             try:
                 utils.write_json(cache_path, cache)
