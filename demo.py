@@ -131,12 +131,13 @@ def run(args):
     init = base_for(args.init, args.model)
     print(f"\n== training ({args.model} model, {args.minutes:g} minutes, "
           f"{'from the base ' + str(init) if init else 'from scratch'})")
-    if train.main(["--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
-                   "--model-dir", str(out / "model"), "--model", args.model, "--minutes", str(args.minutes),
-                   "--iterations", "0", "--save-every", "100", "--preview-every", "100"]
-                  + (["--init", str(init)] if init else [])):
+    code = train.main(["--faces-a", str(out / "personA_face"), "--faces-b", str(out / "personB_face"),
+                       "--model-dir", str(out / "model"), "--model", args.model, "--minutes", str(args.minutes),
+                       "--iterations", "0", "--save-every", "100", "--preview-every", "100"]
+                      + (["--init", str(init)] if init else []))
+    if code:  # Ctrl-C (130) or SIGTERM (143): saved
         print("interrupted (run demo.py again to go on training from the saved checkpoint)", file=sys.stderr)
-        return 130
+        return code
     print("\n== converting A's video with B's face")
     convert_video.main(["--video-path", str(args.video_a), "--model-dir", str(out / "model"),
                         "--output-path", str(out / "swapped.mp4"), "--overwrite"])

@@ -11,8 +11,9 @@ Writes to MODEL_DIR:
     log.csv              step, losses, samples/s
     train_settings.json  the settings of the last run
 Running again resumes from checkpoint.pt; --iterations is the total step count
-to reach. Ctrl-C saves and stops (exit code 130). Batches are a pure function of (seed, step,
-rank), so a resumed run continues exactly as an uninterrupted one.
+to reach. Ctrl-C saves and stops (exit code 130); so does SIGTERM (`kill`, a batch scheduler's time
+limit, `docker stop`; exit code 143). Batches are a pure function of (seed, step, rank), so a resumed
+run continues exactly as an uninterrupted one.
 
 Example (the CPU recipe, one hour):
     python train.py --faces-a train/personA_face --faces-b train/personB_face --model-dir models --minutes 60
@@ -24,11 +25,13 @@ Several GPUs or machines (see README):
     torchrun --nproc_per_node 4 train.py --model lite128 --batch-size 64
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -263,6 +266,9 @@ class StepBatches(torch.utils.data.Dataset):
 def _worker_init(_):
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    # SIGTERM to the whole process group (a scheduler's time limit) is the main process's to handle (it saves, then
+    # the loader stops its workers); a worker that died of it would make the loader raise instead
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batch_loader(dataset, start_step, workers):
@@ -842,14 +848,40 @@ def train(args, rank, world, device):
                           if model.output_size > model.input_size else None, share=model.face_share)
     if main_rank:
         announce(args, model, device, dtype, world, (len(faces_a), len(faces_b)), step)
-    step, stop_reason, interrupted = loop(args, parts, dataset, schedule, step, best_loss, main_rank)
+    with sigterm_as_interrupt():
+        step, stop_reason, code = loop(args, parts, dataset, schedule, step, best_loss, main_rank)
     if main_rank:
         save_preview(args.model_dir / "preview.png", model, dataset.previews, device)
         print(f"stopped at step {step}: {stop_reason}; checkpoint saved to {args.model_dir / models.CHECKPOINT}, "
               f"preview {args.model_dir / 'preview.png'}")
-    # saved, but not done: 130 as for any Ctrl-C, so that `train.py && convert_video.py`, demo.py and the
-    # benchmarks stop instead of going on with a half-trained model
-    return 130 if interrupted else 0
+    # saved, but not done: 130 as for any Ctrl-C (143 for SIGTERM, as the shell reports a process it ended), so
+    # that `train.py && convert_video.py`, demo.py and the benchmarks stop instead of going on with a half-trained
+    # model
+    return code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the training loop is, so that it is handled as Ctrl-C: save, then stop."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While training, SIGTERM (kill, a scheduler's time limit, docker stop) raises Terminated in this process, as
+    SIGINT raises KeyboardInterrupt (batch workers ignore it: _worker_init)."""
+
+    def handler(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM does not cut the save short
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (train.main called from one): SIGTERM stays as it was
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def announce(args, model, device, dtype, world, counts, step):
@@ -864,8 +896,8 @@ def announce(args, model, device, dtype, world, counts, step):
 
 
 def loop(args, parts, dataset, schedule, step, best_loss, main_rank):
-    """Train until --iterations, --minutes or Ctrl-C, saving every --save-every steps and at the stop: (the step
-    reached, why it stopped, whether by Ctrl-C)."""
+    """Train until --iterations, --minutes, Ctrl-C or SIGTERM, saving every --save-every steps and at the stop:
+    (the step reached, why it stopped, the exit code: 0, or 130 for Ctrl-C and 143 for SIGTERM)."""
     log = TrainLog(args.model_dir, step, 2 * args.batch_size * schedule.world) if main_rank else None
     bar, window, saved_step = progress_bar(args, step, not main_rank), [], step
     cv2_threads = cv2.getNumThreads()  # batch_loader may set one; put back at the end (this process may convert next)
@@ -888,10 +920,12 @@ def loop(args, parts, dataset, schedule, step, best_loss, main_rank):
             if step % args.save_every == 0 or done or out_of_time:
                 best_loss, saved_step = save(args, parts, step, window, best_loss, main_rank), step
             if done or out_of_time:
-                return step, "iterations reached" if done else f"{args.minutes:g} minutes reached", False
-    except KeyboardInterrupt:
+                return step, "iterations reached" if done else f"{args.minutes:g} minutes reached", 0
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
         save(args, parts, step, window, best_loss, main_rank)
-        return step, "interrupted (Ctrl-C)", True
+        if isinstance(stop, Terminated):
+            return step, "stopped (SIGTERM)", 128 + signal.SIGTERM
+        return step, "interrupted (Ctrl-C)", 130
     finally:
         bar.close()
         cv2.setNumThreads(cv2_threads)
