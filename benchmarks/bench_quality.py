@@ -86,6 +86,7 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny128": TINY128,
     # tiny128 with the wider crop: what the ceiling says can hold more likeness and more detail than 64 px at 1
     "tiny128_cover80": f"{TINY128} --coverage 0.8",
+    "tiny128_cover80_seed1": f"{TINY128} --coverage 0.8 --seed 1",
     # tiny128 with the edge term
     "tiny128_edges5": f"{TINY128} --edges 5",
     # the default with an adversarial end: each person's faces judged by a patch discriminator over the last half
@@ -234,6 +235,11 @@ def trunk_flags(flags):
     return flags
 
 
+def speed_flags(flags):
+    """A recipe's flags without those that do not change its speed: its end's (TAIL_FLAGS) and its seed."""
+    return strip(trunk_flags(flags), "--seed")
+
+
 def shared_trunk(pair_dir, flags, step):
     """Where the trunk of every recipe with these trunk flags is kept at `step`: one recipe trains it, the others
     start their ends from a copy."""
@@ -316,13 +322,13 @@ def record_rate(path, name, flags, rate, same_as=None):
 
 def recipe_rate(name, flags, faces, args):
     """A recipe's samples/s, measured once per output folder (out/rates.json) and reused for every pair; a recipe
-    that differs from a measured one only in its end (TAIL_FLAGS) is given that one's speed, so that both make the
-    same steps and share their trunk."""
+    that differs from a measured one only in its end (TAIL_FLAGS) or its seed is given that one's speed, so that both
+    make the same steps (and, but for the seed, share their trunk)."""
     path = args.out / "rates.json"
     rates = utils.read_json(path) if path.is_file() else {}
     if rates.get(name, {}).get("flags") != flags:
         same = [(other, r) for other, r in rates.items()
-                if flags != "tutorial" and trunk_flags(r["flags"]) == trunk_flags(flags)]  # "tutorial" matches no list
+                if flags != "tutorial" and speed_flags(r["flags"]) == speed_flags(flags)]  # "tutorial" matches no list
         if same:
             rates = record_rate(path, name, flags, same[0][1]["samples_per_s"], same_as=same[0][0])
         elif args.device != "cpu":
