@@ -95,16 +95,25 @@ def inter_ocular(landmarks):
     return float(np.linalg.norm(landmarks[OUTER_EYE_CORNERS[0]] - landmarks[OUTER_EYE_CORNERS[1]]))
 
 
-def face_hull_mask(landmarks, shape, brow_lift=0.0):
+def face_hull_mask(landmarks, shape, brow_lift=0.0, outward=False):
     """Float mask (H, W) of the landmarks' convex hull; brow_lift > 0 raises the brows over the forehead.
 
-    The brows move up by brow_lift x their distance to the eyes, so the mask covers the
-    lower forehead as faceswap's "extended" mask does.
+    Each brow point moves straight up the face (perpendicular to the line through the eyes) by
+    brow_lift x its height over that line, so the mask covers the lower forehead as faceswap's
+    "extended" mask does, and its sides stay at the brows' ends. outward=True moves them away
+    from the eyes' centre instead, by their distance to it: the outer ends go out over the temples
+    and their hair (the training loss's region, measured with it; docs/QUALITY.md).
     """
     pts = np.asarray(landmarks, np.float64).copy()
     if brow_lift:
-        eyes = pts[EYES].mean(0)
-        pts[BROWS] = pts[BROWS] + (pts[BROWS] - eyes) * brow_lift
+        left, right = pts[LEFT_EYE].mean(0), pts[RIGHT_EYE].mean(0)
+        if outward:
+            pts[BROWS] = pts[BROWS] + (pts[BROWS] - (left + right) / 2) * brow_lift
+        else:
+            along = (right - left) / max(float(np.linalg.norm(right - left)), 1e-6)
+            up = np.array([along[1], -along[0]])  # image up for an upright face
+            height = (pts[BROWS] - (left + right) / 2) @ up
+            pts[BROWS] = pts[BROWS] + np.outer(height * brow_lift, up)
     mask = np.zeros(shape[:2], np.uint8)
     cv2.fillConvexPoly(mask, cv2.convexHull(np.round(pts).astype(np.int32)), 255)
     return mask.astype(np.float32) / 255

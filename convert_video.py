@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--mask-blur", type=utils.non_negative_number, default=MASK_BLUR,
                    help="mask feathering (fraction of face width)")
     p.add_argument("--brow-lift", type=utils.non_negative_number, default=1.0,
-                   help="how far the mask reaches above the brows")
+                   help="how far the mask reaches above the brows (straight up the face, by this times the "
+                        "brows' height over the eyes)")
     p.add_argument("--seamless", action="store_true", help="Poisson (seamless clone) blending; may flicker")
     p.add_argument("--sharpen", type=sharpen_amount, default=SHARPEN,
                    help="unsharp mask on the swapped face, at the scale the model's face is enlarged by: an amount "

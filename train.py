@@ -198,14 +198,14 @@ def random_warp(image, rng, size=64, share=align.FACE_COVERAGE, sigma=5.0, trans
 
 def region_weights(landmarks, size=align.FACE_SIZE, brow_lift=1.0):
     """uint8 (size, size) map of where the loss looks in an aligned face: 0 outside the face, else
-    WEIGHT_SCALE x (1 in the face hull with the brows raised over the forehead, as convert_video.py's mask;
-    3 around the eyes; 2 around the mouth: faceswap's eye and mouth multipliers)."""
+    WEIGHT_SCALE x (1 in the face hull with the brows raised over the forehead and out over the temples, a little
+    more than convert_video.py pastes; 3 around the eyes; 2 around the mouth: faceswap's eye and mouth multipliers)."""
     if not np.isfinite(landmarks).all():  # a face with no alignment record: the mean face's region
         landmarks = np.zeros((68, 2))
         inner = size * align.FACE_COVERAGE
         landmarks[align.ALIGN_POINTS] = align.MEAN_FACE * inner + (size - inner) / 2
         landmarks[align.JAW] = landmarks[align.MOUTH].mean(0)  # no jaw in the template: the hull ends at the mouth
-    weights = align.face_hull_mask(landmarks, (size, size), brow_lift)
+    weights = align.face_hull_mask(landmarks, (size, size), brow_lift, outward=True)
     grow = 2 * int(0.15 * align.inter_ocular(landmarks)) + 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow, grow))
     for part, weight in ((align.MOUTH, 2.0), (align.LEFT_EYE, 3.0), (align.RIGHT_EYE, 3.0)):

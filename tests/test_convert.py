@@ -292,3 +292,17 @@ def test_coverage_swaps_the_chin_and_jaw_too(obama_faces):
     assert changed[1.0][below_lips].mean() < 0.2
     assert changed[0.8][below_lips].mean() > 0.8
     assert changed[0.8].sum() > 1.3 * changed[1.0].sum()
+
+
+def test_pasted_hull_covers_the_forehead_but_not_the_temples(obama_faces):
+    """The pasted region (the landmarks' hull, brows raised) reaches above the brows in the middle of the forehead, but
+    not out past the brows' outer ends above them: there a model with the wider crop (coverage 0.8) draws B's hair,
+    which pasted over A's temples was a dark stroke down the side of the face."""
+    frame, landmarks = first_frame_and_face(obama_faces)
+    hull = align.face_hull_mask(landmarks, frame.shape, blend.BlendSettings().brow_lift) > 0
+    brows, eye_line = landmarks[align.BROWS], landmarks[align.EYES][:, 1].mean()
+    middle = brows[[4, 5]].mean(0)  # the brows' inner ends
+    assert hull[int(middle[1] - 0.8 * (eye_line - middle[1])), int(middle[0])]  # the lower forehead
+    margin = 0.1 * align.inter_ocular(landmarks)
+    (lx, ly), (rx, ry) = brows[0], brows[9]  # the outer ends
+    assert not hull[:int(ly), :int(lx - margin)].any() and not hull[:int(ry), int(rx + margin):].any()
