@@ -266,8 +266,10 @@ class StepBatches(torch.utils.data.Dataset):
 def _worker_init(_):
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    # SIGTERM to the whole process group (a scheduler's time limit) is the main process's to handle (it saves, then
-    # the loader stops its workers); a worker that died of it would make the loader raise instead
+    # Ctrl-C and SIGTERM to the whole process group (a terminal, a scheduler's time limit) are the main process's to
+    # handle (StopSignals: it saves, then the loader stops its workers); a worker that died of one would leave the
+    # main process waiting on a batch that never comes, or make the loader raise instead
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -848,8 +850,8 @@ def train(args, rank, world, device):
                           if model.output_size > model.input_size else None, share=model.face_share)
     if main_rank:
         announce(args, model, device, dtype, world, (len(faces_a), len(faces_b)), step)
-    with sigterm_as_interrupt():
-        step, stop_reason, code = loop(args, parts, dataset, schedule, step, best_loss, main_rank)
+    with StopSignals() as signals:
+        step, stop_reason, code = loop(args, parts, dataset, schedule, step, best_loss, main_rank, signals)
     if main_rank:
         save_preview(args.model_dir / "preview.png", model, dataset.previews, device)
         print(f"stopped at step {step}: {stop_reason}; checkpoint saved to {args.model_dir / models.CHECKPOINT}, "
@@ -864,24 +866,50 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the training loop is, so that it is handled as Ctrl-C: save, then stop."""
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While training, SIGTERM (kill, a scheduler's time limit, docker stop) raises Terminated in this process, as
-    SIGINT raises KeyboardInterrupt (batch workers ignore it: _worker_init)."""
+class StopSignals:
+    """While training, Ctrl-C (SIGINT) raises KeyboardInterrupt and SIGTERM (kill, a scheduler's time limit, docker
+    stop) raises Terminated in this process (batch workers ignore SIGTERM: _worker_init) -- except inside
+    `held()`, around the receipt of a batch: a worker hands a batch over through a handshake on a socket, and a stop
+    in the middle of it makes the worker print a traceback. A signal there is held until the batch is in; a second
+    one while held stops at once (a loader that hangs can still be stopped)."""
 
-    def handler(signum, frame):
-        signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM does not cut the save short
-        raise Terminated
+    def __init__(self):
+        self.holding, self.pending, self.previous = False, None, {}
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (train.main called from one): SIGTERM stays as it was
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    def handler(self, signum, frame):
+        if self.holding and self.pending is None:
+            self.pending = signum
+            return
+        self.raise_for(signum)
+
+    @staticmethod
+    def raise_for(signum):
+        if signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM does not cut the save short
+            raise Terminated
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding, pending, self.pending = False, self.pending, None
+            if pending is not None:
+                self.raise_for(pending)
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[signum] = signal.signal(signum, self.handler)
+            except ValueError:  # not the main thread (train.main called from one): signals stay as they were
+                break
+        return self
+
+    def __exit__(self, *exc):
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def announce(args, model, device, dtype, world, counts, step):
@@ -895,7 +923,7 @@ def announce(args, model, device, dtype, world, counts, step):
                      dict(utils.settings_dict(args), world_size=world, start_step=step))
 
 
-def loop(args, parts, dataset, schedule, step, best_loss, main_rank):
+def loop(args, parts, dataset, schedule, step, best_loss, main_rank, signals):
     """Train until --iterations, --minutes, Ctrl-C or SIGTERM, saving every --save-every steps and at the stop:
     (the step reached, why it stopped, the exit code: 0, or 130 for Ctrl-C and 143 for SIGTERM)."""
     log = TrainLog(args.model_dir, step, 2 * args.batch_size * schedule.world) if main_rank else None
@@ -904,7 +932,9 @@ def loop(args, parts, dataset, schedule, step, best_loss, main_rank):
     try:
         batches = iter(batch_loader(dataset, step, args.workers))
         while True:
-            losses = checked_step(args, parts, next(batches), schedule, step, saved_step)
+            with signals.held():
+                batch = next(batches)
+            losses = checked_step(args, parts, batch, schedule, step, saved_step)
             step += 1
             window.append(sum(losses))
             rate = log.row(step, *losses, schedule.elapsed(), parts.adversaries) if log and (

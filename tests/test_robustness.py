@@ -268,26 +268,30 @@ def test_ctrl_c_with_worker_processes_prints_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_training_as_ctrl_c_does(obama_faces, reagan_faces, tmp_path):
-    """SIGTERM to the whole process group (a batch scheduler's time limit; its forked batch workers get it too):
-    train.py saves the step it reached, says so in one line and exits 143; the same command resumes from there."""
+@pytest.mark.parametrize("signum, code, reason", [(signal.SIGTERM, 143, "stopped (SIGTERM)"),
+                                                  (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_a_stop_signal_saves_training(obama_faces, reagan_faces, tmp_path, signum, code, reason):
+    """SIGTERM (a batch scheduler's time limit) or Ctrl-C to the whole process group, whose forked batch workers get
+    it too: train.py saves the step it reached, says so in one line, no traceback from any process (a stop while a
+    worker hands a batch over made one print a traceback) and exits 143 or 130; the same command resumes there."""
     command = [sys.executable, str(ROOT / "train.py"), "--faces-a", str(obama_faces / "faces"), "--faces-b",
                str(reagan_faces / "faces"), "--model-dir", str(tmp_path), "--model", "tiny", "--batch-size", "4",
                "--workers", "2", "--log-every", "1", "--save-every", "100000", "--precision", "fp32"]
     proc = subprocess.Popen(command + ["--iterations", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=interruptible)
     log = tmp_path / "log.csv"
     while not (log.is_file() and len(log.read_text().splitlines()) > 4):  # a header and some steps
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert proc.returncode == code and "Traceback" not in err, err
     step = models.load_checkpoint(tmp_path / models.CHECKPOINT)["step"]
-    assert step >= 4 and f"stopped at step {step}: stopped (SIGTERM)" in out
+    assert step >= 4 and f"stopped at step {step}: {reason}" in out
     done = subprocess.run(command + ["--iterations", str(step + 2)], capture_output=True, text=True)
     assert done.returncode == 0 and f"resuming at step {step}" in done.stdout, done.stderr
     assert models.load_checkpoint(tmp_path / models.CHECKPOINT)["step"] == step + 2
+
 
 def test_outputs_get_the_usual_permissions(obama_faces, tiny_model, tmp_path, capsys):
     old = os.umask(0o022)
