@@ -90,6 +90,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the same with a learning rate 2.5x the default's: do the 128 px decoders, far from settled at 15 minutes, learn
     # faster per step?
     "tiny128_cover80_lr5": f"{TINY128.replace('--lr 2e-4', '--lr 5e-4')} --coverage 0.8",
+    "tiny128_cover80_lr5_seed1": f"{TINY128.replace('--lr 2e-4', '--lr 5e-4')} --coverage 0.8 --seed 1",
+    # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
+    "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term
     "tiny128_edges5": f"{TINY128} --edges 5",
     # the default with an adversarial end: each person's faces judged by a patch discriminator over the last half
