@@ -868,7 +868,7 @@ class Terminated(KeyboardInterrupt):
 
 class StopSignals:
     """While training, Ctrl-C (SIGINT) raises KeyboardInterrupt and SIGTERM (kill, a scheduler's time limit, docker
-    stop) raises Terminated in this process (batch workers ignore SIGTERM: _worker_init) -- except inside
+    stop) raises Terminated in this process (batch workers ignore both: _worker_init) -- except inside
     `held()`, around the receipt of a batch: a worker hands a batch over through a handshake on a socket, and a stop
     in the middle of it makes the worker print a traceback. A signal there is held until the batch is in; a second
     one while held stops at once (a loader that hangs can still be stopped)."""

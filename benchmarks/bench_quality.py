@@ -57,6 +57,7 @@ PAIRS = {  # A's clips, B's clips, A's and B's names in the gallery
 }
 TINY_MASKED = "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2"
 TINY128 = TINY_MASKED.replace("--model tiny", "--model tiny128")  # 128 px out of tiny's encoder, the same recipe
+TINY128_LR5 = TINY128.replace("--lr 2e-4", "--lr 5e-4")  # the same at 2.5x the learning rate
 TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
@@ -89,8 +90,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny128_cover80_seed1": f"{TINY128} --coverage 0.8 --seed 1",
     # the same with a learning rate 2.5x the default's: do the 128 px decoders, far from settled at 15 minutes, learn
     # faster per step?
-    "tiny128_cover80_lr5": f"{TINY128.replace('--lr 2e-4', '--lr 5e-4')} --coverage 0.8",
-    "tiny128_cover80_lr5_seed1": f"{TINY128.replace('--lr 2e-4', '--lr 5e-4')} --coverage 0.8 --seed 1",
+    "tiny128_cover80_lr5": f"{TINY128_LR5} --coverage 0.8",
+    "tiny128_cover80_lr5_seed1": f"{TINY128_LR5} --coverage 0.8 --seed 1",
     # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
     "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term
