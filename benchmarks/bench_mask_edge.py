@@ -8,21 +8,29 @@ Two figures per pair of bench_quality.py (its faces and held-out frames, made th
 - eroded: for each --erode, the share of evaluate.py's measured interior (the hull drawn in by a tenth of the eye
   distance) where the pasted mask is below 0.99, i.e. where A's own face shows through, and A's mean weight there
   (1 - the mask, over the whole interior): the detail figures of a conversion read that much of A's real skin.
+- with --model (a budget's model of bench_quality.py, e.g. tiny128_cover80_lr5/60min): A's held-out frames
+  converted raw (its RAW_FLAGS), and evaluate.py's fine-detail and feature-scale ratios measured on its interior
+  and on the part of it that is fully pasted: how much that rim of A's own face adds to the figures.
 
     python benchmarks/bench_mask_edge.py --out <bench_quality.py's --out> --pairs obama-andrew mead hdtf
+    python benchmarks/bench_mask_edge.py --out <bench_quality.py's --out> --model tiny128_cover80_lr5/60min
 """
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from bench_quality import PAIRS, prepare_pair
+from bench_quality import PAIRS, RAW_FLAGS, check, prepare_pair
 from common import require_data
 
 import align
 import blend
+import convert_video
+import evaluate
 import faces
+import models
 import records
 import train
 import utils
@@ -39,6 +47,9 @@ def parse_args(argv=None):
                                                            "than this share of B's training faces")
     p.add_argument("--erode", type=float, nargs="+", default=[0.0, 0.02, 0.03, 0.04], help="--mask-erode values")
     p.add_argument("--every", type=int, default=10, help="use every Nth of A's held-out frames for 'eroded'")
+    p.add_argument("--model", default=None,
+                   help="<recipe>/<N>min of bench_quality.py: also measure its raw swap's detail with and without "
+                        "the rim (every 2nd frame, as bench_quality.py)")
     return p.parse_args(argv)
 
 
@@ -65,24 +76,55 @@ def reach(sides, size, coverage, rare):
     return int(inside.sum()), int((inside & (b < rare)).sum())
 
 
+def pasted_mask(image, landmarks, size, coverage, erode=0.0):
+    """The mask (0-1, frame-sized) convert_video.py pastes a size-px face of this coverage through (hull only)."""
+    white = np.full((size, size, 3), 255, np.uint8)  # a white face pasted on black: the mask itself
+    settings = blend.BlendSettings(color="none", mask="hull", mask_erode=erode, sharpen=0, detail=0)
+    matrix = align.align_matrix(landmarks, size, coverage)
+    return blend.paste_face(np.zeros_like(image), white, matrix, landmarks, settings)[..., 0] / 255
+
+
 def eroded(test_frames, size, coverage, erode, every):
     """{erosion: (mean share of the measured interior where the pasted mask is below 0.99, A's mean weight there)}."""
     analyzer = faces.FaceAnalyzer()
     shares = {e: [] for e in erode}
-    white = np.full((size, size, 3), 255, np.uint8)
     for path in utils.list_images(test_frames)[::every]:
         image = utils.read_image(path)
         found = analyzer.analyze(image)
         if not found:
             continue
         landmarks = found[0][1]
-        matrix = align.align_matrix(landmarks, size, coverage)
         interior = align.face_interior_mask(landmarks, image.shape) > 0.5
-        for e in erode:  # a white face pasted on black, as convert_video.py pastes it: the mask itself
-            settings = blend.BlendSettings(color="none", mask="hull", mask_erode=e, sharpen=0, detail=0)
-            mask = blend.paste_face(np.zeros_like(image), white, matrix, landmarks, settings)[..., 0] / 255
+        for e in erode:
+            mask = pasted_mask(image, landmarks, size, coverage, e)
             shares[e].append(((mask[interior] < 0.99).mean(), 1 - mask[interior].mean()))
     return {e: [round(float(x), 4) for x in np.mean(v, axis=0)] for e, v in shares.items()}
+
+
+def rim_free_detail(test_frames, model_dir, work):
+    """evaluate.py's raw fine-detail and feature-scale ratios (swap / source, means over every 2nd frame) on its
+    interior and on the interior's fully pasted part."""
+    model, _ = models.load_model(model_dir / models.CHECKPOINT)
+    swapped = work / "mask_edge_swapped"
+    check(convert_video.main(["--video-path", str(test_frames), "--model-dir", str(model_dir), "--output-path",
+                              str(swapped), "--workers", "1", "--overwrite"] + RAW_FLAGS.split()))
+    analyzer = faces.FaceAnalyzer()
+    sums = {region: np.zeros(4) for region in ("interior", "fully pasted")}
+    for path in utils.list_images(test_frames)[::2]:
+        src, dst = utils.read_image(path), utils.read_image(swapped / (path.stem + ".png"))
+        found = analyzer.analyze(src)
+        if not found or dst is None:
+            continue
+        landmarks = found[0][1]
+        interior = align.face_interior_mask(landmarks, src.shape)
+        full = interior * (pasted_mask(src, landmarks, model.output_size, model.coverage) >= 0.99)
+        for region, mask in (("interior", interior), ("fully pasted", full)):
+            sums[region] += [align.sharpness(src, None, mask), align.sharpness(dst, None, mask),
+                             evaluate.feature_sharpness(src, landmarks, mask),
+                             evaluate.feature_sharpness(dst, landmarks, mask)]
+    shutil.rmtree(swapped)
+    return {region: dict(fine=round(s[1] / s[0], 4), feature_scale=round(s[3] / s[2], 4))
+            for region, s in sums.items()}
 
 
 def main(argv=None):
@@ -95,6 +137,9 @@ def main(argv=None):
         results[pair] = dict(a_hull_pixels=in_a, rarely_in_b_region=rare,
                              interior_below_full_mask=eroded(test_frames, args.size, args.coverage, args.erode,
                                                              args.every))
+        model_dir = args.out / pair / args.model / "model" if args.model else None
+        if model_dir and (model_dir / models.CHECKPOINT).is_file():
+            results[pair]["raw_detail"] = rim_free_detail(test_frames, model_dir, model_dir.parent)
         print(json.dumps({pair: results[pair]}), flush=True)
     print(f"\n| pair | A's hull px ({args.size} px view) | of them in B's region on < {args.rare:.0%} of B's faces | "
           + " | ".join(f"--mask-erode {e:g}: interior not fully pasted, A's weight" for e in args.erode) + " |")
@@ -103,6 +148,13 @@ def main(argv=None):
         shares = r["interior_below_full_mask"]
         print(f"| {pair} | {r['a_hull_pixels']} | {r['rarely_in_b_region']} | "
               + " | ".join(f"{shares[e][0]:.3f}, {shares[e][1]:.3f}" for e in args.erode) + " |")
+    if args.model:
+        print(f"\n{args.model}, raw: | pair | fine, feature scale: interior | fully pasted part |\n|---|---|---|")
+        for pair, r in results.items():
+            if "raw_detail" in r:
+                d = r["raw_detail"]
+                print(f"| {pair} | {d['interior']['fine']:.3f}, {d['interior']['feature_scale']:.3f} | "
+                      f"{d['fully pasted']['fine']:.3f}, {d['fully pasted']['feature_scale']:.3f} |")
 
 
 if __name__ == "__main__":
