@@ -1,6 +1,6 @@
 """Where the pasted face's edge lies against what B's decoder was trained to draw, and what --mask-erode takes away.
 
-Two figures per pair of bench_quality.py (its faces and held-out frames, made there first), no model needed:
+Per pair of bench_quality.py (its faces and held-out frames, made there first); only the last needs a model:
 
 - reach: in the model's view (--size px, --coverage), the pixels inside A's landmark hull on most of A's held-out
   faces that lie inside B's training region (train.region_weights, the loss's face) on fewer than --rare of B's
@@ -71,7 +71,7 @@ def reach(sides, size, coverage, rare):
     """(pixels in A's hull on most of A's held-out faces, of them those in B's region on < rare of B's faces)."""
     full = (align.FACE_SIZE, align.FACE_SIZE)
     b = region_share(sides["B"][0], size, coverage, lambda p: train.region_weights(p) > 0)
-    a = region_share(sides["A"][1], size, coverage, lambda p: align.face_hull_mask(p, full, 1.0) > 0)
+    a = region_share(sides["A"][1], size, coverage, lambda p: align.face_hull_mask(p, full, blend.BlendSettings().brow_lift) > 0)
     inside = a > 0.5
     return int(inside.sum()), int((inside & (b < rare)).sum())
 
