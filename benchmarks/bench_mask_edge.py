@@ -69,9 +69,9 @@ def region_share(folders, size, coverage, region):
 
 def reach(sides, size, coverage, rare):
     """(pixels in A's hull on most of A's held-out faces, of them those in B's region on < rare of B's faces)."""
-    full = (align.FACE_SIZE, align.FACE_SIZE)
+    full, lift = (align.FACE_SIZE, align.FACE_SIZE), blend.BlendSettings().brow_lift  # the pasted hull's lift
     b = region_share(sides["B"][0], size, coverage, lambda p: train.region_weights(p) > 0)
-    a = region_share(sides["A"][1], size, coverage, lambda p: align.face_hull_mask(p, full, blend.BlendSettings().brow_lift) > 0)
+    a = region_share(sides["A"][1], size, coverage, lambda p: align.face_hull_mask(p, full, lift) > 0)
     inside = a > 0.5
     return int(inside.sum()), int((inside & (b < rare)).sum())
 
