@@ -4,7 +4,8 @@ Reads VIDEO_PATH (a video file, or a folder of images), finds and aligns the fac
 every frame with crop_face.py's code (faces.py: the detector every few frames, faces
 followed in between), runs the aligned faces through the shared encoder and decoder B in
 batches, and pastes the result back with the inverse of the same affine, through a
-feathered mask of the landmark hull (brows raised over the forehead) after colour
+feathered mask of the landmark hull (brows raised over the forehead), less what the
+decoder was never trained to draw (the checkpoint records where), after colour
 matching. Landmarks are smoothed over time against jitter, for each person separately;
 frames without a face pass through unchanged.
 
@@ -79,8 +80,11 @@ def parse_args(argv=None):
                    help="largest face-recognition distance to the reference that counts as the person")
     p.add_argument("--color", choices=["rct", "avg", "hist", "none"], default=COLOR, help="colour correction")
     p.add_argument("--mask", choices=["hull", "learned", "both"], default=MASK,
-                   help="the face region pasted: the landmark hull, the mask the model learned (models with a "
-                        "mask output, e.g. lite128; others use the hull), or where both agree")
+                   help="the face region pasted: the landmark hull, the model's own mask (the one it learned, for "
+                        "models with a mask output, e.g. lite128; for others, where the decoder was trained to draw: "
+                        "the loss's face region on at least a tenth of the person's training faces), or where both "
+                        "agree (the hull, less what the decoder never learned to draw: no dark marks where A's jaw "
+                        "reaches past B's)")
     p.add_argument("--mask-erode", type=utils.non_negative_number, default=MASK_ERODE,
                    help="mask erosion (fraction of face width)")
     p.add_argument("--mask-blur", type=utils.non_negative_number, default=MASK_BLUR,
@@ -141,12 +145,13 @@ def swap_faces(model, frames, chosen, side, settings=blend.BlendSettings(), batc
     crops = [align.warp_face(frames[i], align.align_matrix(landmarks, size, model.coverage), size)
              for i, landmarks in jobs]
     outputs, masks = [], []
+    reach = model.reach_mask(side)  # a model without a mask output: where its decoder was taught to draw
     with torch.no_grad(), utils.autocast(device, dtype):
         for k in range(0, len(crops), batch_size):
             x = tensors.to_tensor(np.stack(crops[k:k + batch_size])).to(device)
             y = model.draw(x.contiguous(memory_format=torch.channels_last), side)
             outputs.extend(tensors.to_images(y[:, :3]))
-            masks.extend(y[:, 3].float().cpu().numpy() if model.has_mask else [None] * len(x))
+            masks.extend(y[:, 3].float().cpu().numpy() if model.has_mask else [reach] * len(x))
     result = list(frames)
     for (i, landmarks), face, mask in zip(jobs, outputs, masks):  # pasted with the matrix of the face's own size
         result[i] = blend.paste_face(result[i], face, align.align_matrix(landmarks, out_size, model.coverage),

@@ -16,6 +16,7 @@ import utils
 
 CHECKPOINT = "checkpoint.pt"            # train.py's latest checkpoint in its model folder
 BEST_CHECKPOINT = "checkpoint_best.pt"  # the copy with the lowest loss so far
+REACH_MIN = 0.1  # a decoder's reach: where its person's loss region covered at least this share of their faces
 
 # Presets: face size (in and out), encoder conv widths, bottleneck width, decoder widths, residual blocks
 # after each decoder upscale, output channels (3 = colour; 4 = colour + a learned face mask), the size the
@@ -209,6 +210,7 @@ class FaceSwapModel(nn.Module):
             self.decoder_b = Decoder(top // 2, *decoder)
         if detail_scale > 1:
             self.detail_a, self.detail_b = DetailNet(detail_scale), DetailNet(detail_scale)
+        self.reach = None  # from the checkpoint: {"a": uint8 (S, S), "b": ...}, train.region_reach of each side
 
     @property
     def input_size(self):
@@ -249,6 +251,14 @@ class FaceSwapModel(nn.Module):
     def draw(self, x, side):
         """The face of `side`'s person for faces x, at the output size."""
         return self.enlarge(self(x, side), side)
+
+    def reach_mask(self, side):
+        """float32 (S, S), 1 where `side`'s decoder was taught to draw (its person's loss region on at least REACH_MIN
+        of their training faces), else 0; None for a model without that record (checkpoints made before it)."""
+        self.decoder(side)  # rejects a side other than "a" or "b"
+        if self.reach is None:
+            return None
+        return (self.reach[side] >= round(255 * REACH_MIN)).astype("float32")
 
     @property
     def has_mask(self):
@@ -386,6 +396,15 @@ def model_from_checkpoint(ckpt):
     except (TypeError, ValueError, RuntimeError) as e:
         raise utils.UserError(f"checkpoint does not match its model config: {str(e).splitlines()[0][:200]}") \
             from None
+    reach = ckpt.get("reach")
+    if reach is not None:
+        size = (model.output_size, model.output_size)
+        if not (isinstance(reach, dict) and all(isinstance(reach.get(side), torch.Tensor) and
+                                                tuple(reach[side].shape) == size and reach[side].dtype == torch.uint8
+                                                for side in "ab")):
+            raise utils.UserError("checkpoint is damaged: its record of where each decoder was trained is not what "
+                                  "train.py writes")
+        model.reach = {side: reach[side].numpy() for side in "ab"}
     return model
 
 

@@ -149,7 +149,10 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- data
 
 
-def random_transform(size, rng, rotation=10, zoom=0.05, shift=0.05, flip=0.4):
+FLIP = 0.4  # the share of training faces random_transform mirrors
+
+
+def random_transform(size, rng, rotation=10, zoom=0.05, shift=0.05, flip=FLIP):
     """3x3 matrix of a random rotation/zoom/shift and horizontal flip of a size x size face, as the tutorial's.
 
     The tutorial warped the whole face with it before random_warp; random_warp folds it into its own
@@ -215,6 +218,20 @@ def region_weights(landmarks, size=align.FACE_SIZE, brow_lift=1.0):
 
 
 WEIGHT_SCALE = 60  # region weights are stored as uint8 = weight x 60 (so 3.0 -> 180)
+
+
+def region_reach(faces, size, share, flip=FLIP):
+    """uint8 (size, size): for each pixel of the model's view, the share (x 255) of a side's training faces whose
+    loss region (region_weights > 0) covers it, mirrored as often as random_transform flips a face: where that side's
+    decoder is taught to draw its person. Outside it the loss weighs the target at outside_weight only, and a
+    decoder draws what the code says about the input's edges (dark marks where a swapped face's hull reaches past
+    the other person's training region); convert_video.py pastes a swap only inside it (models.FaceSwapModel.reach).
+    faces: (N, 256, 256, 4) as make_batch takes them; share: model.face_share."""
+    covered = np.zeros(faces.shape[1:3])
+    for k in range(0, len(faces), 256):  # in chunks: a bool copy of every face at once is 64 kB a face
+        covered += (faces[k:k + 256, ..., 3] > 0).sum(0)
+    view = align.center_face((covered / max(len(faces), 1)).astype(np.float32), size, share)
+    return np.round(255 * ((1 - flip) * view + flip * view[:, ::-1])).astype(np.uint8)
 
 
 def make_batch(faces, rng, batch_size, size, warp=True, detail=None, share=align.FACE_COVERAGE):
@@ -340,12 +357,14 @@ def to_device(t, device):
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_state(model, optimizer, step, best_loss, seed, identities=None, adversaries=None):
+def checkpoint_state(model, optimizer, step, best_loss, seed, identities=None, adversaries=None, reach=None):
     """What a checkpoint holds: weights, optimizer, step and the model's config (convert_video.py needs only
-    that), A's and B's face-recognition identity (convert_video.py tells the person apart with it), and the
-    critics of --gan/--likeness with their optimizer, if any."""
+    that), A's and B's face-recognition identity (convert_video.py tells the person apart with it), where each
+    decoder was taught to draw (region_reach of each side's faces, {"a": uint8 (S, S), "b": ...}; convert_video.py
+    pastes only there), and the critics of --gan/--likeness with their optimizer, if any."""
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=model.config,
                 best_loss=best_loss, seed=seed, identities=identities,
+                **({"reach": {side: torch.from_numpy(r.copy()) for side, r in reach.items()}} if reach else {}),
                 **(adversaries.state() if adversaries is not None else {}))
 
 
@@ -802,6 +821,7 @@ class Parts:
     dtype: object           # autocast dtype, or None for fp32
     identities: dict
     seed: int
+    reach: dict = None      # region_reach of each side's faces
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -817,7 +837,7 @@ class Parts:
 
     def save(self, model_dir, step, best_loss, is_best):
         models.save_checkpoint(model_dir, checkpoint_state(self.model, self.optimizer, step, best_loss, self.seed,
-                                                           self.identities, self.adversaries), is_best)
+                                                           self.identities, self.adversaries, self.reach), is_best)
 
 
 def run(args):
@@ -843,7 +863,9 @@ def train(args, rank, world, device):
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     parts = Parts(model, net, optimizer, make_adversaries(args, model, saved, world, device, dtype),
-                  reconstruction_loss(args.loss, edges=args.edges), device, dtype, identities, args.seed)
+                  reconstruction_loss(args.loss, edges=args.edges), device, dtype, identities, args.seed,
+                  {side: region_reach(f, model.output_size, model.face_share)
+                   for side, f in (("a", faces_a), ("b", faces_b))} if main_rank else None)
     schedule = Schedule(args, step, world)
     dataset = StepBatches(faces_a, faces_b, args.batch_size, model.input_size, args.seed, rank, schedule.warp_from,
                           detail=(model.output_size, max(1, round(args.batch_size * DETAIL_SHARE)))

@@ -235,6 +235,11 @@ def test_a_hand_edited_checkpoint_is_one_line(obama_faces, reagan_faces, tmp_pat
     torch.save(ckpt, tmp_path / models.CHECKPOINT)
     code, io = run_main(train.main, args[:-1] + ["3"], capsys)
     assert code == 1 and "is damaged" in io.err and "Traceback" not in io.err
+    ckpt["step"], ckpt["reach"]["b"] = 1, torch.zeros(3, 3)  # where B's decoder was trained: of the wrong size
+    torch.save(ckpt, tmp_path / models.CHECKPOINT)
+    code, io = run_main(convert_video.main, ["--video-path", str(obama_faces / "frames"), "--model-dir",
+                                             str(tmp_path), "--output-path", str(tmp_path / "out")], capsys)
+    assert code == 1 and "is damaged" in io.err and "Traceback" not in io.err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("main, argv, message", [

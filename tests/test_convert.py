@@ -306,3 +306,27 @@ def test_pasted_hull_covers_the_forehead_but_not_the_temples(obama_faces):
     margin = 0.1 * align.inter_ocular(landmarks)
     (lx, ly), (rx, ry) = brows[0], brows[9]  # the outer ends
     assert not hull[:int(ly), :int(lx - margin)].any() and not hull[:int(ry), int(rx + margin):].any()
+
+
+def test_the_swap_is_pasted_only_where_the_decoder_was_taught_to_draw(obama_faces):
+    """A model's reach (where B's training faces were inside the loss's region, models.FaceSwapModel.reach) cuts
+    the pasted hull by default (--mask both): A's jaw is left A's where B's decoder never learnt to draw; --mask hull
+    ignores it, and a model without the record pastes the whole hull."""
+    frame, landmarks = first_frame_and_face(obama_faces)
+    torch.manual_seed(0)
+    model = models.build_model(dict(models.model_config("tiny"), coverage=0.8)).eval()
+
+    def changed(mask, side="b"):
+        settings = blend.BlendSettings(color="none", mask=mask, sharpen=0, detail=0)
+        return (convert_video.swap_faces(model, [frame], [[landmarks]], side, settings)[0] != frame).any(2)
+
+    hull = changed("both")
+    size = model.output_size
+    upper = np.zeros((size, size), np.uint8)
+    upper[:size * 5 // 8] = 255  # B's decoder taught above the mouth only
+    model.reach = {"a": np.full((size, size), 255, np.uint8), "b": upper}
+    assert np.array_equal(changed("hull"), hull)
+    cut = changed("both")
+    assert 0.3 * hull.sum() < cut.sum() < 0.9 * hull.sum() and not (cut & ~hull).any()
+    assert not cut[int(landmarks[align.MOUTH][:, 1].max()) + 2:].any()  # the chin and the jaw's foot stay A's
+    assert np.array_equal(changed("both", "a"), changed("hull", "a"))  # A's decoder: taught everywhere

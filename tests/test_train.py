@@ -398,3 +398,27 @@ def test_coverage_trains_the_wider_square_and_stays_with_the_checkpoint(faces, t
     with pytest.raises(SystemExit) as e:
         train.main(tiny_args(faces, tmp_path / "n", "--coverage", "0.5"))
     assert e.value.code == 2 and "--coverage: must be a number from 0.625 to 1" in capsys.readouterr().err
+
+
+def test_checkpoint_records_where_each_decoder_was_taught_to_draw(faces, tmp_path):
+    """The checkpoint carries each side's reach (train.region_reach): per pixel of the model's view, the share of that
+    person's training faces whose loss region covers it. On real faces the tutorial's square (coverage 1) lies inside
+    the region almost everywhere; the wider square of --coverage 0.8 reaches past it at the lower corners, beside the
+    jaw, and there the reach ends (convert_video.py pastes no swap there). convert_video.py reads it back through
+    models.load_model; a model without the record has no limit."""
+    share = {}
+    for coverage in ("1", "0.8"):
+        model_dir = tmp_path / coverage
+        assert train.main(tiny_args(faces, model_dir, "--iterations", "1", "--coverage", coverage)) == 0
+        model = models.load_model(model_dir / models.CHECKPOINT)[0]
+        loaded = train.load_training_faces([faces[1]], quiet=True)
+        assert np.array_equal(model.reach["b"], train.region_reach(loaded, 64, model.face_share))
+        for side in "ab":
+            r, mask = model.reach[side], model.reach_mask(side)
+            assert r.shape == (64, 64) and r.dtype == np.uint8 and r[8:48, 16:48].min() == 255  # brows to mouth
+            assert mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, 1.0}
+        share[coverage] = mask.mean()
+        corners = r[-4:, :4], r[-4:, -4:]
+    assert share["1"] > 0.97 and 0.8 < share["0.8"] < 0.97
+    assert all(c.max() < 255 * models.REACH_MIN for c in corners)  # at 0.8: beside the jaw's foot
+    assert models.build_model(models.model_config("tiny")).reach_mask("b") is None
