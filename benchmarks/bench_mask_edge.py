@@ -4,13 +4,17 @@ Per pair of bench_quality.py (its faces and held-out frames, made there first); 
 
 - reach: in the model's view (--size px, --coverage), the pixels inside A's landmark hull on most of A's held-out
   faces that lie inside B's training region (train.region_weights, the loss's face) on fewer than --rare of B's
-  training faces: where a swap is pasted but B's decoder learnt little (the loss weighs it at 0.05 there).
+  training faces: where a swap is pasted but B's decoder learnt little (the loss weighs it at 0.05 there); and how
+  many of them lie outside the reach train.py records for B (train.region_reach, models.REACH_MIN), where
+  convert_video.py's default mask (--mask both) leaves A's face; and the share of the pasted mask that this takes
+  away, frame by frame.
 - eroded: for each --erode, the share of evaluate.py's measured interior (the hull drawn in by a tenth of the eye
   distance) where the pasted mask is below 0.99, i.e. where A's own face shows through, and A's mean weight there
   (1 - the mask, over the whole interior): the detail figures of a conversion read that much of A's real skin.
 - with --model (a budget's model of bench_quality.py, e.g. tiny128_cover80_lr5/60min): A's held-out frames
   converted raw (its RAW_FLAGS), and evaluate.py's fine-detail and feature-scale ratios measured on its interior
-  and on the part of it that is fully pasted: how much that rim of A's own face adds to the figures.
+  and on the part of it that is fully pasted: how much that rim of A's own face adds to the figures; and
+  <model>/../mask_reach.jpg: three held-out frames converted with the defaults, --mask hull and --mask both.
 
     python benchmarks/bench_mask_edge.py --out <bench_quality.py's --out> --pairs obama-andrew mead hdtf
     python benchmarks/bench_mask_edge.py --out <bench_quality.py's --out> --model tiny128_cover80_lr5/60min
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_quality import PAIRS, RAW_FLAGS, check, prepare_pair
+from bench_quality import PAIRS, RAW_FLAGS, SHEET_SIZE, check, prepare_pair
 from common import require_data
 
 import align
@@ -68,20 +72,43 @@ def region_share(folders, size, coverage, region):
 
 
 def reach(sides, size, coverage, rare):
-    """(pixels in A's hull on most of A's held-out faces, of them those in B's region on < rare of B's faces)."""
+    """(pixels in A's hull on most of A's held-out faces, of them those in B's region on < rare of B's faces, of
+    them those outside the reach that train.py records for B's decoder, i.e. what convert_video.py's default mask
+    leaves to A)."""
     full, lift = (align.FACE_SIZE, align.FACE_SIZE), blend.BlendSettings().brow_lift  # the pasted hull's lift
     b = region_share(sides["B"][0], size, coverage, lambda p: train.region_weights(p) > 0)
     a = region_share(sides["A"][1], size, coverage, lambda p: align.face_hull_mask(p, full, lift) > 0)
+    recorded = train.region_reach(train.load_training_faces(sides["B"][0], quiet=True), size,
+                                  align.FACE_COVERAGE / coverage)
     inside = a > 0.5
-    return int(inside.sum()), int((inside & (b < rare)).sum())
+    return (int(inside.sum()), int((inside & (b < rare)).sum()),
+            int((inside & (recorded < round(255 * models.REACH_MIN))).sum()))
 
 
-def pasted_mask(image, landmarks, size, coverage, erode=0.0):
-    """The mask (0-1, frame-sized) convert_video.py pastes a size-px face of this coverage through (hull only)."""
+def pasted_mask(image, landmarks, size, coverage, erode=0.0, reach=None):
+    """The mask (0-1, frame-sized) convert_video.py pastes a size-px face of this coverage through: the hull, or with
+    `reach` (models.FaceSwapModel.reach_mask) the default --mask both of a model that records one."""
     white = np.full((size, size, 3), 255, np.uint8)  # a white face pasted on black: the mask itself
-    settings = blend.BlendSettings(color="none", mask="hull", mask_erode=erode, sharpen=0, detail=0)
+    settings = blend.BlendSettings(color="none", mask="hull" if reach is None else "both", mask_erode=erode,
+                                   sharpen=0, detail=0)
     matrix = align.align_matrix(landmarks, size, coverage)
-    return blend.paste_face(np.zeros_like(image), white, matrix, landmarks, settings)[..., 0] / 255
+    return blend.paste_face(np.zeros_like(image), white, matrix, landmarks, settings, reach)[..., 0] / 255
+
+
+def reach_cut(sides, test_frames, size, coverage, every):
+    """What B's recorded reach takes from the pasted mask over A's held-out frames (every `every`th): the share of
+    the hull's pasted weight removed, mean and largest over the frames."""
+    faces_b = train.load_training_faces(sides["B"][0], quiet=True)
+    recorded = train.region_reach(faces_b, size, align.FACE_COVERAGE / coverage)
+    reach = (recorded >= round(255 * models.REACH_MIN)).astype(np.float32)  # as models.FaceSwapModel.reach_mask
+    analyzer, lost = faces.FaceAnalyzer(), []
+    for path in utils.list_images(test_frames)[::every]:
+        image = utils.read_image(path)
+        found = analyzer.analyze(image)
+        if found:
+            hull = pasted_mask(image, found[0][1], size, coverage)
+            lost.append(1 - pasted_mask(image, found[0][1], size, coverage, reach=reach).sum() / hull.sum())
+    return dict(mean=round(float(np.mean(lost)), 4), max=round(float(np.max(lost)), 4), frames=len(lost))
 
 
 def eroded(test_frames, size, coverage, erode, every):
@@ -117,7 +144,8 @@ def rim_free_detail(test_frames, model_dir, work):
             continue
         landmarks = found[0][1]
         interior = align.face_interior_mask(landmarks, src.shape)
-        full = interior * (pasted_mask(src, landmarks, model.output_size, model.coverage) >= 0.99)
+        full = interior * (pasted_mask(src, landmarks, model.output_size, model.coverage,
+                                       reach=model.reach_mask("b")) >= 0.99)
         for region, mask in (("interior", interior), ("fully pasted", full)):
             sums[region] += [align.sharpness(src, None, mask), align.sharpness(dst, None, mask),
                              evaluate.feature_sharpness(src, landmarks, mask),
@@ -127,26 +155,55 @@ def rim_free_detail(test_frames, model_dir, work):
             for region, s in sums.items()}
 
 
+def reach_sheet(test_frames, model_dir, path, picks=3):
+    """`picks` of A's held-out frames (evenly spread) converted with convert_video.py's defaults twice, --mask hull
+    (the whole hull) and --mask both (the hull cut to B's recorded reach): one row each, the source, hull, both."""
+    frames = utils.list_images(test_frames)
+    chosen = [frames[round(k * (len(frames) - 1) / (picks + 1))] for k in range(1, picks + 1)]
+    work = path.parent / "reach_sheet_frames"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "in").mkdir(parents=True)
+    for frame in chosen:
+        shutil.copy(frame, work / "in" / frame.name)
+    for mask in ("hull", "both"):
+        check(convert_video.main(["--video-path", str(work / "in"), "--model-dir", str(model_dir), "--output-path",
+                                  str(work / mask), "--workers", "1", "--mask", mask]))
+    analyzer, rows = faces.FaceAnalyzer(), []
+    for frame in chosen:
+        source = utils.read_image(frame)
+        found = analyzer.analyze(source)
+        if found:
+            images = [source] + [utils.read_image(work / mask / (frame.stem + ".png")) for mask in ("hull", "both")]
+            rows.append(np.hstack([evaluate.face_crop(image, found[0][1], SHEET_SIZE) for image in images]))
+    shutil.rmtree(work)
+    utils.write_image(path, np.vstack(rows), jpeg_quality=90)
+
+
 def main(argv=None):
     args = parse_args(argv)
     require_data()
     results = {}
     for pair in args.pairs:
         sides, test_frames = prepare_pair(pair, args.out)
-        in_a, rare = reach(sides, args.size, args.coverage, args.rare)
-        results[pair] = dict(a_hull_pixels=in_a, rarely_in_b_region=rare,
+        in_a, rare, cut = reach(sides, args.size, args.coverage, args.rare)
+        results[pair] = dict(a_hull_pixels=in_a, rarely_in_b_region=rare, outside_b_reach=cut,
+                             mask_lost_to_reach=reach_cut(sides, test_frames, args.size, args.coverage, args.every),
                              interior_below_full_mask=eroded(test_frames, args.size, args.coverage, args.erode,
                                                              args.every))
         model_dir = args.out / pair / args.model / "model" if args.model else None
         if model_dir and (model_dir / models.CHECKPOINT).is_file():
             results[pair]["raw_detail"] = rim_free_detail(test_frames, model_dir, model_dir.parent)
+            reach_sheet(test_frames, model_dir, model_dir.parent / "mask_reach.jpg")
         print(json.dumps({pair: results[pair]}), flush=True)
     print(f"\n| pair | A's hull px ({args.size} px view) | of them in B's region on < {args.rare:.0%} of B's faces | "
+          "outside B's recorded reach | pasted mask lost to it: mean, largest | "
           + " | ".join(f"--mask-erode {e:g}: interior not fully pasted, A's weight" for e in args.erode) + " |")
-    print("|---|---|---|" + "---|" * len(args.erode))
+    print("|---|---|---|---|---|" + "---|" * len(args.erode))
     for pair, r in results.items():
         shares = r["interior_below_full_mask"]
-        print(f"| {pair} | {r['a_hull_pixels']} | {r['rarely_in_b_region']} | "
+        lost = r["mask_lost_to_reach"]
+        print(f"| {pair} | {r['a_hull_pixels']} | {r['rarely_in_b_region']} | {r['outside_b_reach']} | "
+              f"{lost['mean']:.4f}, {lost['max']:.4f} | "
               + " | ".join(f"{shares[e][0]:.3f}, {shares[e][1]:.3f}" for e in args.erode) + " |")
     if args.model:
         print(f"\n{args.model}, raw: | pair | fine, feature scale: interior | fully pasted part |\n|---|---|---|")

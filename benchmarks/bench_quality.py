@@ -558,10 +558,11 @@ def run_recipe(pair, spec, args, gallery):
 
 
 def keep_model(path, folder, trained):
-    """This budget's model, weights only (what convert_video.py needs), and where it was trained."""
+    """This budget's model, weights only and what convert_video.py reads beside them, and where it was trained."""
     ckpt = models.load_checkpoint(path)
     folder.mkdir(parents=True, exist_ok=True)
-    models.save_checkpoint(folder, {k: ckpt[k] for k in ("model", "config", "step", "identities") if k in ckpt},
+    models.save_checkpoint(folder, {k: ckpt[k] for k in ("model", "config", "step", "identities", "reach")
+                                    if k in ckpt},
                           is_best=False)
     utils.write_json(folder / "trained.json", trained)
 
