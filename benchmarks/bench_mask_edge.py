@@ -51,6 +51,8 @@ def parse_args(argv=None):
                                                            "than this share of B's training faces")
     p.add_argument("--erode", type=float, nargs="+", default=[0.0, 0.02, 0.03, 0.04], help="--mask-erode values")
     p.add_argument("--every", type=int, default=10, help="use every Nth of A's held-out frames for 'eroded'")
+    p.add_argument("--cut", type=float, nargs="+", default=[0.5, 0.9],
+                   help="also the pasted mask lost if the reach began at these shares of B's faces (models.REACH_MIN)")
     p.add_argument("--model", default=None,
                    help="<recipe>/<N>min of bench_quality.py: also measure its raw swap's detail with and without "
                         "the rim (every 2nd frame, as bench_quality.py)")
@@ -95,20 +97,24 @@ def pasted_mask(image, landmarks, size, coverage, erode=0.0, reach=None):
     return blend.paste_face(np.zeros_like(image), white, matrix, landmarks, settings, reach)[..., 0] / 255
 
 
-def reach_cut(sides, test_frames, size, coverage, every):
-    """What B's recorded reach takes from the pasted mask over A's held-out frames (every `every`th): the share of
-    the hull's pasted weight removed, mean and largest over the frames."""
+def reach_cut(sides, test_frames, size, coverage, every, cuts):
+    """What B's recorded reach takes from the pasted mask over A's held-out frames (every `every`th), at
+    models.REACH_MIN and at each share of `cuts`: {share: the share of the hull's pasted weight removed, mean and
+    largest over the frames}."""
     faces_b = train.load_training_faces(sides["B"][0], quiet=True)
     recorded = train.region_reach(faces_b, size, align.FACE_COVERAGE / coverage)
-    reach = (recorded >= round(255 * models.REACH_MIN)).astype(np.float32)  # as models.FaceSwapModel.reach_mask
-    analyzer, lost = faces.FaceAnalyzer(), []
+    shares = sorted({models.REACH_MIN, *cuts})
+    analyzer, lost = faces.FaceAnalyzer(), {c: [] for c in shares}
     for path in utils.list_images(test_frames)[::every]:
         image = utils.read_image(path)
         found = analyzer.analyze(image)
         if found:
             hull = pasted_mask(image, found[0][1], size, coverage)
-            lost.append(1 - pasted_mask(image, found[0][1], size, coverage, reach=reach).sum() / hull.sum())
-    return dict(mean=round(float(np.mean(lost)), 4), max=round(float(np.max(lost)), 4), frames=len(lost))
+            for c in shares:  # as models.FaceSwapModel.reach_mask at REACH_MIN = c
+                reach = (recorded >= round(255 * c)).astype(np.float32)
+                lost[c].append(1 - pasted_mask(image, found[0][1], size, coverage, reach=reach).sum() / hull.sum())
+    return {c: dict(mean=round(float(np.mean(v)), 4), max=round(float(np.max(v)), 4), frames=len(v))
+            for c, v in lost.items()}
 
 
 def eroded(test_frames, size, coverage, erode, every):
@@ -187,7 +193,8 @@ def main(argv=None):
         sides, test_frames = prepare_pair(pair, args.out)
         in_a, rare, cut = reach(sides, args.size, args.coverage, args.rare)
         results[pair] = dict(a_hull_pixels=in_a, rarely_in_b_region=rare, outside_b_reach=cut,
-                             mask_lost_to_reach=reach_cut(sides, test_frames, args.size, args.coverage, args.every),
+                             mask_lost_to_reach=reach_cut(sides, test_frames, args.size, args.coverage, args.every,
+                                                          args.cut),
                              interior_below_full_mask=eroded(test_frames, args.size, args.coverage, args.erode,
                                                              args.every))
         model_dir = args.out / pair / args.model / "model" if args.model else None
@@ -201,10 +208,13 @@ def main(argv=None):
     print("|---|---|---|---|---|" + "---|" * len(args.erode))
     for pair, r in results.items():
         shares = r["interior_below_full_mask"]
-        lost = r["mask_lost_to_reach"]
+        lost = r["mask_lost_to_reach"][models.REACH_MIN]
         print(f"| {pair} | {r['a_hull_pixels']} | {r['rarely_in_b_region']} | {r['outside_b_reach']} | "
               f"{lost['mean']:.4f}, {lost['max']:.4f} | "
               + " | ".join(f"{shares[e][0]:.3f}, {shares[e][1]:.3f}" for e in args.erode) + " |")
+    print("\npasted mask lost to B's recorded reach at other shares (mean, largest): " + "; ".join(
+        f"{pair}: " + ", ".join(f"{c:g}: {v['mean']:.4f}, {v['max']:.4f}" for c, v in r["mask_lost_to_reach"].items())
+        for pair, r in results.items()))
     if args.model:
         print(f"\n{args.model}, raw: | pair | fine, feature scale: interior | fully pasted part |\n|---|---|---|")
         for pair, r in results.items():
