@@ -256,9 +256,7 @@ class FaceSwapModel(nn.Module):
         """float32 (S, S), 1 where `side`'s decoder was taught to draw (its person's loss region on at least REACH_MIN
         of their training faces), else 0; None for a model without that record (checkpoints made before it)."""
         self.decoder(side)  # rejects a side other than "a" or "b"
-        if self.reach is None:
-            return None
-        return (self.reach[side] >= round(255 * REACH_MIN)).astype("float32")
+        return None if self.reach is None else reach_mask(self.reach[side])
 
     @property
     def has_mask(self):
@@ -349,6 +347,12 @@ def build_critics(config):
 def build_model(config):
     """Rebuild a model from a config dict (as stored in checkpoints)."""
     return FaceSwapModel(**config)
+
+
+def reach_mask(reach, least=REACH_MIN):
+    """float32 0/1 of a recorded reach (uint8, the share of faces x 255, as train.region_reach makes it): 1 where the
+    share is at least `least`."""
+    return (reach >= round(255 * least)).astype("float32")
 
 
 # ---------------------------------------------------------------- checkpoints: written by train.py, read by all

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_quality import PAIRS, RAW_FLAGS, SHEET_SIZE, check, prepare_pair
+from bench_quality import PAIRS, RAW_FLAGS, check, contact_sheet, prepare_pair, sheet_frames
 from common import require_data
 
 import align
@@ -73,18 +73,21 @@ def region_share(folders, size, coverage, region):
     return counts / n
 
 
-def reach(sides, size, coverage, rare):
+def recorded_reach(sides, size, coverage):
+    """The reach train.py records for B's decoder (train.region_reach of B's training faces)."""
+    return train.region_reach(train.load_training_faces(sides["B"][0], quiet=True), size,
+                              align.FACE_COVERAGE / coverage)
+
+
+def reach(sides, size, coverage, rare, recorded):
     """(pixels in A's hull on most of A's held-out faces, of them those in B's region on < rare of B's faces, of
-    them those outside the reach that train.py records for B's decoder, i.e. what convert_video.py's default mask
-    leaves to A)."""
+    them those outside B's `recorded` reach, i.e. what convert_video.py's default mask leaves to A)."""
     full, lift = (align.FACE_SIZE, align.FACE_SIZE), blend.BlendSettings().brow_lift  # the pasted hull's lift
     b = region_share(sides["B"][0], size, coverage, lambda p: train.region_weights(p) > 0)
     a = region_share(sides["A"][1], size, coverage, lambda p: align.face_hull_mask(p, full, lift) > 0)
-    recorded = train.region_reach(train.load_training_faces(sides["B"][0], quiet=True), size,
-                                  align.FACE_COVERAGE / coverage)
     inside = a > 0.5
     return (int(inside.sum()), int((inside & (b < rare)).sum()),
-            int((inside & (recorded < round(255 * models.REACH_MIN))).sum()))
+            int((inside & (models.reach_mask(recorded) == 0)).sum()))
 
 
 def pasted_mask(image, landmarks, size, coverage, erode=0.0, reach=None):
@@ -97,12 +100,10 @@ def pasted_mask(image, landmarks, size, coverage, erode=0.0, reach=None):
     return blend.paste_face(np.zeros_like(image), white, matrix, landmarks, settings, reach)[..., 0] / 255
 
 
-def reach_cut(sides, test_frames, size, coverage, every, cuts):
-    """What B's recorded reach takes from the pasted mask over A's held-out frames (every `every`th), at
+def reach_cut(recorded, test_frames, size, coverage, every, cuts):
+    """What B's `recorded` reach takes from the pasted mask over A's held-out frames (every `every`th), at
     models.REACH_MIN and at each share of `cuts`: {share: the share of the hull's pasted weight removed, mean and
     largest over the frames}."""
-    faces_b = train.load_training_faces(sides["B"][0], quiet=True)
-    recorded = train.region_reach(faces_b, size, align.FACE_COVERAGE / coverage)
     shares = sorted({models.REACH_MIN, *cuts})
     analyzer, lost = faces.FaceAnalyzer(), {c: [] for c in shares}
     for path in utils.list_images(test_frames)[::every]:
@@ -110,8 +111,8 @@ def reach_cut(sides, test_frames, size, coverage, every, cuts):
         found = analyzer.analyze(image)
         if found:
             hull = pasted_mask(image, found[0][1], size, coverage)
-            for c in shares:  # as models.FaceSwapModel.reach_mask at REACH_MIN = c
-                reach = (recorded >= round(255 * c)).astype(np.float32)
+            for c in shares:
+                reach = models.reach_mask(recorded, c)
                 lost[c].append(1 - pasted_mask(image, found[0][1], size, coverage, reach=reach).sum() / hull.sum())
     return {c: dict(mean=round(float(np.mean(v)), 4), max=round(float(np.max(v)), 4), frames=len(v))
             for c, v in lost.items()}
@@ -162,27 +163,21 @@ def rim_free_detail(test_frames, model_dir, work):
 
 
 def reach_sheet(test_frames, model_dir, path, picks=3):
-    """`picks` of A's held-out frames (evenly spread) converted with convert_video.py's defaults twice, --mask hull
-    (the whole hull) and --mask both (the hull cut to B's recorded reach): one row each, the source, hull, both."""
-    frames = utils.list_images(test_frames)
-    chosen = [frames[round(k * (len(frames) - 1) / (picks + 1))] for k in range(1, picks + 1)]
+    """`picks` of A's held-out frames (bench_quality.py's sheet_frames) converted with convert_video.py's defaults
+    twice, --mask hull (the whole hull) and --mask both (the hull cut to B's recorded reach): one row each, the
+    source, hull, both."""
+    chosen = sheet_frames(test_frames, picks)
     work = path.parent / "reach_sheet_frames"
     shutil.rmtree(work, ignore_errors=True)
     (work / "in").mkdir(parents=True)
     for frame in chosen:
         shutil.copy(frame, work / "in" / frame.name)
-    for mask in ("hull", "both"):
+    swapped = {mask: work / mask for mask in ("hull", "both")}
+    for mask, folder in swapped.items():
         check(convert_video.main(["--video-path", str(work / "in"), "--model-dir", str(model_dir), "--output-path",
-                                  str(work / mask), "--workers", "1", "--mask", mask]))
-    analyzer, rows = faces.FaceAnalyzer(), []
-    for frame in chosen:
-        source = utils.read_image(frame)
-        found = analyzer.analyze(source)
-        if found:
-            images = [source] + [utils.read_image(work / mask / (frame.stem + ".png")) for mask in ("hull", "both")]
-            rows.append(np.hstack([evaluate.face_crop(image, found[0][1], SHEET_SIZE) for image in images]))
+                                  str(folder), "--workers", "1", "--mask", mask]))
+    contact_sheet(chosen, swapped, path)
     shutil.rmtree(work)
-    utils.write_image(path, np.vstack(rows), jpeg_quality=90)
 
 
 def main(argv=None):
@@ -191,10 +186,11 @@ def main(argv=None):
     results = {}
     for pair in args.pairs:
         sides, test_frames = prepare_pair(pair, args.out)
-        in_a, rare, cut = reach(sides, args.size, args.coverage, args.rare)
+        recorded = recorded_reach(sides, args.size, args.coverage)
+        in_a, rare, cut = reach(sides, args.size, args.coverage, args.rare, recorded)
         results[pair] = dict(a_hull_pixels=in_a, rarely_in_b_region=rare, outside_b_reach=cut,
-                             mask_lost_to_reach=reach_cut(sides, test_frames, args.size, args.coverage, args.every,
-                                                          args.cut),
+                             mask_lost_to_reach=reach_cut(recorded, test_frames, args.size, args.coverage,
+                                                          args.every, args.cut),
                              interior_below_full_mask=eroded(test_frames, args.size, args.coverage, args.erode,
                                                              args.every))
         model_dir = args.out / pair / args.model / "model" if args.model else None

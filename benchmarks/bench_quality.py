@@ -382,16 +382,21 @@ def evaluate_budget(model_dir, test_frames, faces, names, gallery, out, every, c
                              "--model-dir", str(model_dir), "--out-dir", str(folder), "--every", str(every)]
                             + (["--noise-control"] if kind == "raw" else [])))
         results[kind] = json.loads((folder / "evaluation.json").read_text())
-    contact_sheet(test_frames, swapped, out / "sheet.jpg")
+    contact_sheet(sheet_frames(test_frames), swapped, out / "sheet.jpg")
     for folder in swapped.values():
         shutil.rmtree(folder)
     return results
 
 
-def contact_sheet(test_frames, swapped, path):
-    """SHEET_FRAMES held-out frames, one row each: the source face, then each conversion's, at SHEET_SIZE px."""
+def sheet_frames(test_frames, count=SHEET_FRAMES):
+    """`count` of the held-out frames, evenly spread (not the first or last)."""
     frames = utils.list_images(test_frames)
-    picks = [frames[round(k * (len(frames) - 1) / (SHEET_FRAMES + 1))] for k in range(1, SHEET_FRAMES + 1)]
+    return [frames[round(k * (len(frames) - 1) / (count + 1))] for k in range(1, count + 1)]
+
+
+def contact_sheet(picks, swapped, path):
+    """The frames `picks`, one row each: the source face, then each conversion's (the same name in each folder of
+    `swapped`), at SHEET_SIZE px."""
     analyzer = faces.FaceAnalyzer()
     rows = []
     for frame in picks:
