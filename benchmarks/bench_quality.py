@@ -58,6 +58,7 @@ PAIRS = {  # A's clips, B's clips, A's and B's names in the gallery
 TINY_MASKED = "--model tiny --loss masked --batch-size 16 --lr 2e-4 --warmup 100 --no-warp-last 0.2"
 TINY128 = TINY_MASKED.replace("--model tiny", "--model tiny128")  # 128 px out of tiny's encoder, the same recipe
 TINY128_LR5 = TINY128.replace("--lr 2e-4", "--lr 5e-4")  # the same at 2.5x the learning rate
+TINY128_LR5_B8 = TINY128_LR5.replace("--batch-size 16", "--batch-size 8")  # and half the batch
 TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
@@ -94,7 +95,10 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny128_cover80_lr5_seed1": f"{TINY128_LR5} --coverage 0.8 --seed 1",
     # more learning per CPU minute still: twice the rate again (it diverges), or twice the steps of half the batch
     "tiny128_cover80_lr10": f"{TINY128.replace('--lr 2e-4', '--lr 1e-3')} --coverage 0.8",
-    "tiny128_cover80_lr5_b8": f"{TINY128_LR5.replace('--batch-size 16', '--batch-size 8')} --coverage 0.8",
+    "tiny128_cover80_lr5_b8": f"{TINY128_LR5_B8} --coverage 0.8",
+    # the same with an adversarial end: a patch discriminator per person judging the 128 px faces (and the swaps)
+    # over the last half, where the pixel loss has settled
+    "tiny128_cover80_lr5_b8_gan": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1",
     # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
     "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term
@@ -159,6 +163,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu",
                    help="where to train (cpu, cuda, ...); budgets stay minutes of this CPU, from rates.json")
     p.add_argument("--workers", type=int, default=1, help="train.py's batch-making processes")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="train.py's --precision (auto: bf16 on a GPU or an AMX CPU, else fp32); fp32 on an AMX CPU "
+                        "trains as a CPU without AMX does, to compare with figures measured there")
     p.add_argument("--convert-flags", default="",
                    help="convert_video.py flags for the swap (e.g. '--sharpen 0'); the results go to "
                         "<budget>min_<flags>/ and the summary names the recipe with them")
@@ -219,9 +226,9 @@ def prepare_pair(pair, out):
 # ---------------------------------------------------------------- training
 
 
-def train_flags(flags, faces, model_dir, iterations, end=None, device="cpu", workers=1):
+def train_flags(flags, faces, model_dir, iterations, end=None, device="cpu", workers=1, precision="auto"):
     """train.py's flags for a recipe; end: {flag: share} overriding the shares of the run's end phases."""
-    extra = list(flags) + ["--device", device, "--workers", str(workers)]
+    extra = list(flags) + ["--device", device, "--workers", str(workers), "--precision", precision]
     for name, share in (end or {}).items():
         extra = strip(extra, name) + [name, str(share)]
     return (["--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
@@ -277,7 +284,7 @@ def train_trunk(flags, faces, trunk, start, pair_dir, **on):
 
 
 def on_device(args):
-    return dict(device=args.device, workers=args.workers)
+    return dict(device=args.device, workers=args.workers, precision=args.precision)
 
 
 def end_share(flags):
