@@ -263,11 +263,13 @@ def settings_dict(args):
 
 # ---------------------------------------------------------------- devices and precision
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision's choices (pick_precision)
+
 
 def add_device_args(parser, what="the model"):
     """--device and --precision, as every step that runs a model takes them."""
     parser.add_argument("--device", default="auto", help="where to run: auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help=f"precision of {what}; auto: bf16 on recent GPUs and CPUs with AMX, fp16 on older GPUs, "
                              "fp32 on other CPUs (faster there)")
 

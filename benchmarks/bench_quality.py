@@ -163,7 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu",
                    help="where to train (cpu, cuda, ...); budgets stay minutes of this CPU, from rates.json")
     p.add_argument("--workers", type=int, default=1, help="train.py's batch-making processes")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=utils.PRECISIONS, default="auto",
                    help="train.py's --precision (auto: bf16 on a GPU or an AMX CPU, else fp32); fp32 on an AMX CPU "
                         "trains as a CPU without AMX does, to compare with figures measured there")
     p.add_argument("--convert-flags", default="",
@@ -228,7 +228,9 @@ def prepare_pair(pair, out):
 
 def train_flags(flags, faces, model_dir, iterations, end=None, device="cpu", workers=1, precision="auto"):
     """train.py's flags for a recipe; end: {flag: share} overriding the shares of the run's end phases."""
-    extra = list(flags) + ["--device", device, "--workers", str(workers), "--precision", precision]
+    extra = list(flags) + ["--device", device, "--workers", str(workers)]
+    if precision != "auto":  # else the recipe's own, or train.py's default
+        extra = strip(extra, "--precision") + ["--precision", precision]
     for name, share in (end or {}).items():
         extra = strip(extra, name) + [name, str(share)]
     return (["--faces-a", *map(str, faces["A"][0]), "--faces-b", *map(str, faces["B"][0]),
