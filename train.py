@@ -67,6 +67,7 @@ LR_FINAL = 1.0                        # the learning rate at the end, a share of
 EDGES = 0.0                           # weight of the masked loss's edge term (0 = none; 5-15 measured no gain)
 GAN = 0.0                             # weight of the adversarial loss on the faces drawn (0 = none)
 GAN_LAST = 0.5                        # share of the run at the end with it (it sharpens a model that has settled)
+GAN_SWAPS = True                      # the discriminators also judge the swaps, not only the reconstructions
 LIKENESS = 0.0                        # weight of the code discriminator's loss (0 = none)
 COVERAGE = 1.0                        # share of the model's square the face's features fill (1 = the tutorial's)
 SAVE_EVERY = 250                      # steps between checkpoints
@@ -111,6 +112,10 @@ def parse_args(argv=None):
                         "and the decoders learn to fool it (DeepFaceLab's gan_power; 0 = none)")
     p.add_argument("--gan-last", type=utils.share, default=GAN_LAST,
                    help="share of the run (of --iterations, or of --minutes) at the end with --gan on")
+    p.add_argument("--gan-swaps", action=argparse.BooleanOptionalAction, default=GAN_SWAPS,
+                   help="with --gan the discriminators also judge the swaps (each person drawn by the other's "
+                        "decoder); --no-gan-swaps judges each decoder's own reconstructions only (DeepFaceLab's "
+                        "way), which costs less per step")
     p.add_argument("--likeness", type=utils.non_negative_number, default=LIKENESS,
                    help="weight of a code discriminator's loss: it learns whose face a bottleneck code came from, and "
                         "the encoder learns to make A's and B's codes alike, so that B's decoder draws B from A's "
@@ -440,7 +445,7 @@ def train_step(net, optimizer, batch, loss_fn, device, dtype, scaler, adversarie
     side_a, side_b = [[to_device(t, device) for t in side] for side in batch]
     (input_a, target_a, weights_a), (input_b, target_b, weights_b) = side_a[:3], side_b[:3]
     detail = len(side_a[3]) if len(side_a) > 3 else 0  # targets at the detail stages' size for the first faces
-    swapped = adversaries is not None and adversaries.gan_on and not detail  # faces drawn as the other person
+    swapped = adversaries is not None and adversaries.gan_on and adversaries.swaps and not detail  # drawn as the other
     with utils.autocast(device, dtype):
         out_a, out_b, codes, swaps, drawn = net(input_a, input_b, swapped, detail)
     loss_a, loss_b = loss_fn(out_a.float(), target_a, weights_a), loss_fn(out_b.float(), target_b, weights_b)
@@ -473,8 +478,8 @@ class Adversaries:
     discriminator (--gan, while gan_on), its codes by the code discriminator (--likeness); then critic_step
     trains the critics on the same step's real faces and on the faces and codes just made (detached)."""
 
-    def __init__(self, critics, optimizer, gan, likeness, world, device, dtype):
-        self.critics, self.optimizer, self.gan, self.likeness = critics, optimizer, gan, likeness
+    def __init__(self, critics, optimizer, gan, likeness, world, device, dtype, swaps=True):
+        self.critics, self.optimizer, self.gan, self.likeness, self.swaps = critics, optimizer, gan, likeness, swaps
         self.net = critics if world == 1 else nn.parallel.DistributedDataParallel(
             critics, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -555,7 +560,7 @@ def make_adversaries(args, model, saved, world, device, dtype):
     if saved.get("critics"):
         critics.load_state_dict(saved["critics"])
         optimizer.load_state_dict(saved["critics_optimizer"])
-    return Adversaries(critics, optimizer, args.gan, args.likeness, world, device, dtype)
+    return Adversaries(critics, optimizer, args.gan, args.likeness, world, device, dtype, args.gan_swaps)
 
 
 def make_optimizer(model, lr):

@@ -99,6 +99,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the same with an adversarial end: a patch discriminator per person judging the 128 px faces (and the swaps)
     # over the last half, where the pixel loss has settled
     "tiny128_cover80_lr5_b8_gan": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1",
+    # the discriminators judging each decoder's own reconstructions only, not the swaps (DeepFaceLab's way)
+    "tiny128_cover80_lr5_b8_gan_recon": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps",
     # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
     "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term

@@ -96,6 +96,28 @@ def test_adversarial_training_resumes_exactly(faces, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_no_gan_swaps_judges_the_reconstructions_only(faces, tmp_path, monkeypatch):
+    """By default each person's critic judges that person's reconstructions and the other person's faces drawn by
+    that person's decoder (twice as many made faces as real ones); --no-gan-swaps judges the reconstructions only."""
+    judged = []
+    real_step = train.Adversaries.critic_step
+
+    def count(self, targets, masks, device, dtype):
+        judged.append([(len(t), len(f)) for t, f in zip(targets, self.made[0])])
+        return real_step(self, targets, masks, device, dtype)
+
+    monkeypatch.setattr(train.Adversaries, "critic_step", count)
+    flags = ["--gan", "0.1", "--gan-last", "1", "--iterations", "2"]
+    assert train.main(tiny_args(faces, tmp_path / "swaps", *flags)) == 0
+    assert judged == [[(4, 8), (4, 8)]] * 2
+    judged.clear()
+    assert train.main(tiny_args(faces, tmp_path / "own", *flags, "--no-gan-swaps")) == 0
+    assert judged == [[(4, 4), (4, 4)]] * 2
+    a, b = weights(tmp_path / "swaps"), weights(tmp_path / "own")
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the swaps' term moved the weights
+
+
+@pytest.mark.slow
 def test_gan_switched_on_for_a_trained_model(faces, tmp_path):
     """A model trained without critics goes on with --gan: they are made then, and kept by a later plain run."""
     assert train.main(tiny_args(faces, tmp_path, "--iterations", "2")) == 0
