@@ -478,7 +478,7 @@ class Adversaries:
     discriminator (--gan, while gan_on), its codes by the code discriminator (--likeness); then critic_step
     trains the critics on the same step's real faces and on the faces and codes just made (detached)."""
 
-    def __init__(self, critics, optimizer, gan, likeness, world, device, dtype, swaps=True):
+    def __init__(self, critics, optimizer, gan, likeness, swaps, world, device, dtype):
         self.critics, self.optimizer, self.gan, self.likeness, self.swaps = critics, optimizer, gan, likeness, swaps
         self.net = critics if world == 1 else nn.parallel.DistributedDataParallel(
             critics, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
@@ -560,7 +560,7 @@ def make_adversaries(args, model, saved, world, device, dtype):
     if saved.get("critics"):
         critics.load_state_dict(saved["critics"])
         optimizer.load_state_dict(saved["critics_optimizer"])
-    return Adversaries(critics, optimizer, args.gan, args.likeness, world, device, dtype, args.gan_swaps)
+    return Adversaries(critics, optimizer, args.gan, args.likeness, args.gan_swaps, world, device, dtype)
 
 
 def make_optimizer(model, lr):
