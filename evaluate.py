@@ -29,7 +29,10 @@ converted: whole frames and the face at full size) and prints a table:
   expression   68-landmark error between source and converted frame / inter-ocular distance, and how
                well the swap's mouth opens and closes with the source's (the correlation of the two)
   flicker      mean frame-to-frame change inside the face box, converted / source
-  reconstruct  A->A and B->B on held-out faces: L1, PSNR (dB), SSIM, and SSIM inside the face
+  reconstruct  A->A and B->B on held-out faces: L1, PSNR (dB), SSIM, and SSIM inside the face; for these
+               and the swaps (A->B, B->A) the fine detail drawn (as sharpness, in the model's view) and
+               the contrast (grey variance), drawn / real. The conversion's colour transfer evens out
+               the contrast, so a face drawn with more contrast, not finer, gains detail only here
 
 A gallery is a folder of <person>/ subfolders holding photos, aligned faces or clips of
 that person (symbolic links are fine); its embeddings are cached in <gallery>/.embeddings.json
@@ -185,7 +188,8 @@ def model_views(images, landmarks, size, share=align.FACE_COVERAGE):
 
 def reconstruction(model, views, masks, side, batch=32, swap=False):
     """model(views, side) against the views (model_views): L1, PSNR (dB), SSIM and SSIM inside the face (not for
-    a swap), and the detail it drew (view_detail), at the model's size and at half of it."""
+    a swap), the detail it drew (view_detail), at the model's size and at half of it, and its contrast
+    (view_contrast)."""
     outs = []
     with torch.no_grad():
         for i in range(0, len(views), batch):
@@ -196,7 +200,7 @@ def reconstruction(model, views, masks, side, batch=32, swap=False):
                                    ssim=round(float(tensors.ssim(out, views)), 4),
                                    ssim_face=round(float(tensors.ssim(out, views, mask=masks)), 4))
     return dict(figures, detail=view_detail(out, views, masks), detail_half=view_detail(out, views, masks, shrink=2),
-                faces=len(views))
+                contrast=view_contrast(out, views, masks), faces=len(views))
 
 
 def view_detail(drawn, real, masks, shrink=1):
@@ -206,10 +210,25 @@ def view_detail(drawn, real, masks, shrink=1):
     against its B->B figure says how much of the softness is the swap's, not the decoder's."""
     if shrink > 1:
         drawn, real, masks = (torch.nn.functional.avg_pool2d(t.float(), shrink) for t in (drawn, real, masks))
-    drawn_detail, real_detail = (np.mean([align.sharpness(image, None, m[0])
-                                          for image, m in zip(tensors.to_images(batch), masks.numpy())])
-                                 for batch in (drawn, real))
-    return round(float(drawn_detail / max(real_detail, 1e-9)), 4)
+    return hull_ratio(drawn, real, masks, lambda image, mask: align.sharpness(image, None, mask))
+
+
+def view_contrast(drawn, real, masks):
+    """The contrast of faces a model drew against the real faces, in the model's view inside the face hulls: the
+    grey level's variance of the drawn / of the real, over all faces. A face drawn with k times the contrast reads
+    k here and k in view_detail too; the colour transfer of the conversion (--color rct) matches the pasted face's
+    spread to the replaced face's, so what a pasted face keeps of the detail is view_detail / view_contrast."""
+    def variance(image, mask):
+        return float(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[mask > 0.5].astype(np.float64).var())
+    return hull_ratio(drawn, real, masks, variance)
+
+
+def hull_ratio(drawn, real, masks, measure):
+    """mean measure(drawn face, its hull) / mean measure(real face, its hull), over (N, 3, S, S) batches."""
+    drawn_mean, real_mean = (np.mean([measure(image, m[0]) for image, m in zip(tensors.to_images(batch),
+                                                                              masks.numpy())])
+                             for batch in (drawn, real))
+    return round(float(drawn_mean / max(real_mean, 1e-9)), 4)
 
 
 def largest_face_embedding(image, analyzer, embedder):

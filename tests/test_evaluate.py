@@ -235,6 +235,7 @@ def test_reconstruction_of_a_perfect_model():
     assert r["l1"] == 0 and r["psnr"] == float("inf") and r["ssim"] == pytest.approx(1.0, abs=1e-4)
     assert r["ssim_face"] == pytest.approx(1.0, abs=1e-4)
     assert r["detail"] == pytest.approx(1.0) and r["detail_half"] == pytest.approx(1.0)
+    assert r["contrast"] == pytest.approx(1.0)
 
 
 def test_detail_in_the_models_view_reads_blur_and_the_swap(obama_faces):
@@ -253,6 +254,26 @@ def test_detail_in_the_models_view_reads_blur_and_the_swap(obama_faces):
     for figures in r.values():
         assert 0 < figures["detail"] < figures["detail_half"] < 1
     assert r["A->B"]["detail"] < r["A->A"]["detail"] / 2 and r["A->A"]["detail"] < 0.5
+
+
+def test_contrast_in_the_models_view_separates_a_flat_face_from_a_blurred_one(obama_faces):
+    """A decoder that draws the face with less contrast loses detail by the same factor, which the contrast figure
+    reads too (the conversion's colour transfer gives that contrast back); a blurring one loses detail, not
+    contrast."""
+    class Flattening(torch.nn.Module):
+        input_size, face_share = 64, align.FACE_COVERAGE
+
+        def forward(self, x, side):  # side a: 0.6 x the contrast around each face's mean; side b: a 5x5 blur
+            if side == "a":
+                mean = x.mean((2, 3), keepdim=True)
+                return mean + 0.6 * (x - mean)
+            return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+
+    r = evaluate.reconstructions(Flattening(), [obama_faces / "faces"], None)
+    flat, blurred = r["A->A"], r["A->B"]
+    assert flat["contrast"] == pytest.approx(0.36, rel=0.05) and flat["detail"] == pytest.approx(0.36, rel=0.1)
+    assert flat["detail"] / flat["contrast"] == pytest.approx(1.0, abs=0.1)
+    assert blurred["contrast"] > 0.6 and blurred["detail"] / blurred["contrast"] < 0.2, blurred
 
 
 def test_ssim_inside_the_mask_ignores_the_outside():
