@@ -96,6 +96,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # more learning per CPU minute still: twice the rate again (it diverges), or twice the steps of half the batch
     "tiny128_cover80_lr10": f"{TINY128.replace('--lr 2e-4', '--lr 1e-3')} --coverage 0.8",
     "tiny128_cover80_lr5_b8": f"{TINY128_LR5_B8} --coverage 0.8",
+    # the same with the learning rate falling to a tenth over its end without warp (it shares the trunk): is the
+    # detail that stops growing after 60 minutes held back by the noise of batch 8's steps at a constant rate?
+    "tiny128_cover80_lr5_b8_decay": f"{TINY128_LR5_B8} --coverage 0.8 --lr-final 0.1",
     # the same with an adversarial end: a patch discriminator per person judging the 128 px faces (and the swaps)
     # over the last half, where the pixel loss has settled
     "tiny128_cover80_lr5_b8_gan": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1",
@@ -518,7 +521,8 @@ def summary_row(pair, recipe, minutes, steps, results):
             mouth=result["expression"].get("mouth_correlation"),
             flicker=result["flicker"]["ratio"], ssim_face_b=own.get("ssim_face"),
             view_detail_b=own.get("detail"), view_detail_swap=swap.get("detail"),
-            view_detail_half_b=own.get("detail_half"), view_detail_half_swap=swap.get("detail_half")).items()})
+            view_detail_half_b=own.get("detail_half"), view_detail_half_swap=swap.get("detail_half"),
+            view_contrast_b=own.get("contrast"), view_contrast_swap=swap.get("contrast")).items()})
     return row
 
 
@@ -644,7 +648,7 @@ def markdown(rows):
     conversion's detail figures."""
     head = ("| pair | recipe | minutes | steps | ID top-1 | transfer | distance to B (A's own; real B) | "
             "fine detail | at feature scale | noise control: fine, feature | default: fine, feature | "
-            "model view B->B: fine, half | model view A->B: fine, half | "
+            "model view B->B: fine, half, contrast | model view A->B: fine, half, contrast | "
             "pose (deg) | landmarks | mouth | flicker | trained on |\n" + "|---" * 18 + "|\n")
 
     def num(value, digits=2):  # a figure that rows made before it existed lack
@@ -656,8 +660,9 @@ def markdown(rows):
         f"{num(r.get('heldout_b_distance'))}) | {num(r['sharpness'], 3)} | {num(r.get('feature_sharpness'), 3)} | "
         f"{num(r.get('noise_sharpness'))}, {num(r.get('noise_feature_sharpness'), 3)} | "
         f"{num(r.get('default_sharpness'), 3)}, {num(r.get('default_feature_sharpness'), 3)} | "
-        f"{num(r.get('view_detail_b'))}, {num(r.get('view_detail_half_b'))} | "
-        f"{num(r.get('view_detail_swap'))}, {num(r.get('view_detail_half_swap'))} | "
+        f"{num(r.get('view_detail_b'))}, {num(r.get('view_detail_half_b'))}, {num(r.get('view_contrast_b'))} | "
+        f"{num(r.get('view_detail_swap'))}, {num(r.get('view_detail_half_swap'))}, "
+        f"{num(r.get('view_contrast_swap'))} | "
         f"{num(r['pose_deg'])} | {num(r['landmarks'], 3)} | {num(r.get('mouth'))} | {num(r['flicker'])} | "
         f"{r.get('trained_on', 'cpu')} |\n"
         for r in rows)
