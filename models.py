@@ -42,6 +42,10 @@ MODEL_CONFIGS = {
     # twice tiny's training time per face (lite128: four to five times; docs/SPEED.md).
     "tiny128": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                     decoder_channels=(64, 32, 16, 16), output_kernel=3),
+    # tiny128 with twice the channels where the finest detail is drawn (the decoders' last two stages, at 64 and
+    # 128 px): is the detail that stops growing after an hour held back by those 16 channels? (docs/QUALITY.md)
+    "tiny128_fine": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
+                         decoder_channels=(64, 32, 32, 32), output_kernel=3),
     # tiny with decoders twice as wide (the encoder and the bottleneck unchanged): more capacity where the face is
     # drawn, at ~1.9x tiny's training time per face (docs/QUALITY.md)
     "tiny_wide": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,

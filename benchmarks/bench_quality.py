@@ -99,6 +99,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the same with the learning rate falling to a tenth over its end without warp (it shares the trunk): is the
     # detail that stops growing after 60 minutes held back by the noise of batch 8's steps at a constant rate?
     "tiny128_cover80_lr5_b8_decay": f"{TINY128_LR5_B8} --coverage 0.8 --lr-final 0.1",
+    # the same with twice the decoders' channels at 64 and 128 px (tiny128_fine), where the finest detail is drawn
+    "tiny128_fine_cover80_lr5_b8": f"{TINY128_LR5_B8.replace('tiny128', 'tiny128_fine')} --coverage 0.8",
     # the same with an adversarial end: a patch discriminator per person judging the 128 px faces (and the swaps)
     # over the last half, where the pixel loss has settled
     "tiny128_cover80_lr5_b8_gan": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1",
