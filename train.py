@@ -883,6 +883,8 @@ def train(args, rank, world, device):
         save_preview(args.model_dir / "preview.png", model, dataset.previews, device)
         print(f"stopped at step {step}: {stop_reason}; checkpoint saved to {args.model_dir / models.CHECKPOINT}, "
               f"preview {args.model_dir / 'preview.png'}")
+    if world > 1:  # every rank leaves together, once rank 0 is done: a rank that tears its process group down while
+        dist.barrier()  # another still works could abort (gloo: "terminate called without an active exception")
     # saved, but not done: 130 as for any Ctrl-C (143 for SIGTERM, as the shell reports a process it ended), so
     # that `train.py && convert_video.py`, demo.py and the benchmarks stop instead of going on with a half-trained
     # model
