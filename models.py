@@ -46,6 +46,13 @@ MODEL_CONFIGS = {
     # 128 px): is the detail that stops growing after an hour held back by those 16 channels? (docs/QUALITY.md)
     "tiny128_fine": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                          decoder_channels=(64, 32, 32, 32), output_kernel=3),
+    # tiny128 with the encoder reading the face at 128 px: a learned stride-2 block (16 channels) in place of the
+    # averaging down to 64 px, then tiny's blocks (~1.1x tiny128's time). Is the detail that stops growing after an
+    # hour held back by what the code can see? And the same with a code twice as long (docs/QUALITY.md)
+    "tiny128_enc128": dict(input_size=128, encoder_channels=(16, 32, 64, 128, 256), latent_dim=256,
+                           decoder_channels=(64, 32, 16, 16), output_kernel=3),
+    "tiny128_enc128_code512": dict(input_size=128, encoder_channels=(16, 32, 64, 128, 256), latent_dim=512,
+                                   decoder_channels=(64, 32, 16, 16), output_kernel=3),
     # tiny with decoders twice as wide (the encoder and the bottleneck unchanged): more capacity where the face is
     # drawn, at ~1.9x tiny's training time per face (docs/QUALITY.md)
     "tiny_wide": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
