@@ -13,6 +13,8 @@ does not depend on what else runs while the benchmark trains. Recipes with --no-
 with the random warp and, for each budget, a branch that ends without it (as a run of that length would).
 Recipes that differ only in flags acting in that end (TAIL_FLAGS, e.g. --lr-final) share their speed and
 their trunk (kept at each budget's step in <out>/<pair>/trunks/), so each of them trains only its ends.
+A recipe with --after RECIPE:MINUTES is a run trained in parts: each budget goes on from RECIPE's model at MINUTES
+(--init) for the minutes left, at its own speed.
 
     python benchmarks/bench_quality.py --pairs obama-andrew mead hdtf --recipes tiny_masked_base default tutorial \\
         --budgets 5 15 30 60 --out bench_out/quality
@@ -101,11 +103,20 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny128_cover80_lr5_b8_decay": f"{TINY128_LR5_B8} --coverage 0.8 --lr-final 0.1",
     # the same with twice the decoders' channels at 64 and 128 px (tiny128_fine), where the finest detail is drawn
     "tiny128_fine_cover80_lr5_b8": f"{TINY128_LR5_B8.replace('tiny128', 'tiny128_fine')} --coverage 0.8",
+    # the same with the encoder reading the face at 128 px (tiny128_enc128), and with a code of 512 numbers: is the
+    # detail held back by what the code can see, or by how much it can say?
+    "tiny128_enc128_cover80_lr5_b8": f"{TINY128_LR5_B8.replace('tiny128', 'tiny128_enc128')} --coverage 0.8",
+    "tiny128_enc128_code512_cover80_lr5_b8":
+        f"{TINY128_LR5_B8.replace('tiny128', 'tiny128_enc128_code512')} --coverage 0.8",
     # the same with an adversarial end: a patch discriminator per person judging the 128 px faces (and the swaps)
     # over the last half, where the pixel loss has settled
     "tiny128_cover80_lr5_b8_gan": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1",
     # the discriminators judging each decoder's own reconstructions only, not the swaps (DeepFaceLab's way)
     "tiny128_cover80_lr5_b8_gan_recon": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps",
+    # batch 8's 60-minute model trained on with the adversarial end judging reconstructions only, over the whole of
+    # the budget's later part (its last 20 % without warp): does detail keep growing from a settled model?
+    "tiny128_cover80_lr5_b8_then_gan_recon":
+        f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps --gan-last 1 --after tiny128_cover80_lr5_b8:60",
     # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
     "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term
@@ -136,6 +147,10 @@ TAIL_FLAGS = ("--lr-final",)
 # loss): a budget's run is a trunk without any end, kept and gone on from by the next budget, and a branch that ends
 END_FLAGS = {"--no-warp-last": 0.0, "--gan-last": train.GAN_LAST}
 NO_END = {name: 0 for name in END_FLAGS}
+# a bench flag, not train.py's: "--after RECIPE:MINUTES" trains each budget on from RECIPE's model at MINUTES (kept in
+# <pair>/RECIPE/<MINUTES>min/model, weights only, as --init), for the budget's minutes beyond MINUTES at this
+# recipe's own speed: a run trained in parts, its second part with other flags
+AFTER = "--after"
 TRUNK_FILES = (models.CHECKPOINT, "log.csv")  # what a kept trunk needs to go on from (60 MB for tiny)
 HOLDOUT = 0.15
 TUTORIAL_SAVE_EVERY = 40  # the tutorial's steps between saves of its trunk (~8 minutes here)
@@ -528,13 +543,27 @@ def summary_row(pair, recipe, minutes, steps, results):
     return row
 
 
+def after_model(pair_dir, flags, minutes):
+    """(this budget's --init, the steps it was trained for, the minutes left) for a recipe with --after."""
+    base, _, base_minutes = flag(flags, AFTER, "").partition(":")
+    base_minutes = float(base_minutes)
+    if minutes <= base_minutes:
+        raise SystemExit(f"{AFTER} {base}:{base_minutes:g} goes on from {base_minutes:g} minutes: "
+                         f"give budgets above that, not {minutes:g}")
+    kept = pair_dir / base / f"{base_minutes:g}min" / "model"
+    if not (kept / "trained.json").is_file():
+        raise SystemExit(f"{kept} is missing: train recipe {base} for {base_minutes:g} minutes first")
+    return kept / models.CHECKPOINT, utils.read_json(kept / "trained.json")["steps"], minutes - base_minutes
+
+
 def run_recipe(pair, spec, args, gallery):
     name, flags = recipe_flags(spec)
+    after = flags != "tutorial" and AFTER in flags
     faces, test_frames = prepare_pair(pair, args.out)
     names = PAIRS[pair][2:]
     work = args.out / pair / name
     work.mkdir(parents=True, exist_ok=True)
-    rate = recipe_rate(name, flags, faces, args)
+    rate = recipe_rate(name, strip(flags, AFTER) if after else flags, faces, args)
     batch = tutorial.BATCH_SIZE if flags == "tutorial" else flag(flags, "--batch-size", 64)
     print(f"\n== {pair} / {name}: {rate:.1f} samples/s on this machine", flush=True)
     rows = []
@@ -543,11 +572,19 @@ def run_recipe(pair, spec, args, gallery):
     on = on_device(args)
     for minutes in sorted(args.budgets):
         steps = budget_steps(rate, minutes, batch)
+        if after:  # the steps of the model it goes on from, then this recipe's for the minutes left
+            init, base_steps, left = after_model(args.out / pair, flags, minutes)
+            steps = base_steps + budget_steps(rate, left, batch)
         kept = work / f"{minutes:g}min" / "model"  # this budget's model (weights only)
         out = kept.parent if not args.convert_flags else work / f"{minutes:g}min_{slug(args.convert_flags)}"
         started = time.time()
         if args.stage == "evaluate":
             fill_identities(kept / models.CHECKPOINT, faces)
+        elif after:
+            model_dir = work / "branch"
+            shutil.rmtree(model_dir, ignore_errors=True)
+            check(train.main(train_flags(strip(flags, AFTER) + ["--init", str(init)], faces, model_dir,
+                                         steps - base_steps, **on)))
         elif flags == "tutorial":
             loop = loop or tutorial_loop(faces, trunk / models.CHECKPOINT)
             model_dir = train_tutorial(loop, steps, trunk)
