@@ -608,8 +608,10 @@ def init_from(model, path, quiet, parts="all"):
     mine = {k: v for k, v in model.config.items() if k != "name"}
     theirs = {k: v for k, v in models.build_model(base["config"]).config.items() if k != "name"}
     if mine != theirs:
-        raise utils.UserError(f"--init {path} holds a {base['config'].get('name')!r} model, not "
-                              f"{model.config['name']!r}; pass the matching --model")
+        differ = ", ".join(f"{k} {theirs.get(k)} (here {mine.get(k)})" for k in sorted(set(mine) | set(theirs))
+                           if mine.get(k) != theirs.get(k))
+        raise utils.UserError(f"--init {path} holds a {base['config'].get('name')!r} model with {differ}; pass its "
+                              "--model and --coverage")
     weights = {k: v.float() for k, v in base["model"].items()}
     if parts == "encoder":
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})

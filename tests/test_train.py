@@ -324,6 +324,9 @@ def test_pretrain_then_init_starts_a_new_pair_from_the_base(faces, tmp_path, cap
     code, io = run_main(train.main, tiny_args(faces, tmp_path / "other", "--iterations", "1", "--model", "original",
                                               "--init", str(tmp_path / "base" / models.CHECKPOINT)), capsys)
     assert code == 1 and "holds a 'tiny' model" in io.err and "Traceback" not in io.err
+    code, io = run_main(train.main, tiny_args(faces, tmp_path / "other", "--iterations", "1", "--coverage", "0.8",
+                                              "--init", str(tmp_path / "base" / models.CHECKPOINT)), capsys)
+    assert code == 1 and "coverage 1.0 (here 0.8)" in io.err and "--coverage" in io.err, io.err
     pair = models.load_checkpoint(tmp_path / "pair" / models.CHECKPOINT)
     assert pair["step"] == 1 and all(torch.equal(base["model"][k], pair["model"][k]) for k in base["model"])
 
