@@ -47,8 +47,8 @@ MODEL_CONFIGS = {
     "tiny128_fine": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                          decoder_channels=(64, 32, 32, 32), output_kernel=3),
     # tiny128 with the encoder reading the face at 128 px: a learned stride-2 block (16 channels) in place of the
-    # averaging down to 64 px, then tiny's blocks (~1.1x tiny128's time). Is the detail that stops growing after an
-    # hour held back by what the code can see? And the same with a code twice as long (docs/QUALITY.md)
+    # averaging down to 64 px, then tiny's blocks (about tiny128's speed). Is the detail that stops growing after an
+    # hour held back by what the code can see? And the same with a code twice as long. Neither: docs/QUALITY.md
     "tiny128_enc128": dict(input_size=128, encoder_channels=(16, 32, 64, 128, 256), latent_dim=256,
                            decoder_channels=(64, 32, 16, 16), output_kernel=3),
     "tiny128_enc128_code512": dict(input_size=128, encoder_channels=(16, 32, 64, 128, 256), latent_dim=512,
