@@ -543,9 +543,11 @@ def summary_row(pair, recipe, minutes, steps, results):
     return row
 
 
-def after_model(pair_dir, flags, minutes):
-    """(this budget's --init, the steps it was trained for, the minutes left) for a recipe with --after."""
-    base, _, base_minutes = flag(flags, AFTER, "").partition(":")
+def after_model(pair_dir, after, minutes):
+    """(this budget's --init, the steps it was trained for, the minutes left) for a recipe with --after `after`."""
+    base, _, base_minutes = after.partition(":")
+    if not re.fullmatch(r"\d+(\.\d+)?", base_minutes):
+        raise SystemExit(f"{AFTER} {after}: give RECIPE:MINUTES, e.g. tiny128_cover80_lr5_b8:60")
     base_minutes = float(base_minutes)
     if minutes <= base_minutes:
         raise SystemExit(f"{AFTER} {base}:{base_minutes:g} goes on from {base_minutes:g} minutes: "
@@ -558,12 +560,13 @@ def after_model(pair_dir, flags, minutes):
 
 def run_recipe(pair, spec, args, gallery):
     name, flags = recipe_flags(spec)
-    after = flags != "tutorial" and AFTER in flags
+    after = flag(flags, AFTER, "") if flags != "tutorial" else ""  # a bench flag: train.py is given the rest
+    flags = strip(flags, AFTER) if after else flags
     faces, test_frames = prepare_pair(pair, args.out)
     names = PAIRS[pair][2:]
     work = args.out / pair / name
     work.mkdir(parents=True, exist_ok=True)
-    rate = recipe_rate(name, strip(flags, AFTER) if after else flags, faces, args)
+    rate = recipe_rate(name, flags, faces, args)
     batch = tutorial.BATCH_SIZE if flags == "tutorial" else flag(flags, "--batch-size", 64)
     print(f"\n== {pair} / {name}: {rate:.1f} samples/s on this machine", flush=True)
     rows = []
@@ -573,7 +576,7 @@ def run_recipe(pair, spec, args, gallery):
     for minutes in sorted(args.budgets):
         steps = budget_steps(rate, minutes, batch)
         if after:  # the steps of the model it goes on from, then this recipe's for the minutes left
-            init, base_steps, left = after_model(args.out / pair, flags, minutes)
+            init, base_steps, left = after_model(args.out / pair, after, minutes)
             steps = base_steps + budget_steps(rate, left, batch)
         kept = work / f"{minutes:g}min" / "model"  # this budget's model (weights only)
         out = kept.parent if not args.convert_flags else work / f"{minutes:g}min_{slug(args.convert_flags)}"
@@ -583,8 +586,7 @@ def run_recipe(pair, spec, args, gallery):
         elif after:
             model_dir = work / "branch"
             shutil.rmtree(model_dir, ignore_errors=True)
-            check(train.main(train_flags(strip(flags, AFTER) + ["--init", str(init)], faces, model_dir,
-                                         steps - base_steps, **on)))
+            check(train.main(train_flags(flags + ["--init", str(init)], faces, model_dir, steps - base_steps, **on)))
         elif flags == "tutorial":
             loop = loop or tutorial_loop(faces, trunk / models.CHECKPOINT)
             model_dir = train_tutorial(loop, steps, trunk)
@@ -613,7 +615,8 @@ def run_recipe(pair, spec, args, gallery):
                           results)
         trained = utils.read_json(kept / "trained.json")
         row.update(samples_per_s=round(rate, 2), trained_on=trained["device"], train_wall_s=trained["seconds"])
-        (out / "budget.json").write_text(json.dumps(dict(row, recipe_flags=flags), indent=1) + "\n")
+        (out / "budget.json").write_text(json.dumps(dict(row, recipe_flags=flags + ([AFTER, after] if after else [])),
+                                                     indent=1) + "\n")
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
