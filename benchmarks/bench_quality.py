@@ -559,9 +559,9 @@ def after_model(pair_dir, after, minutes):
 
 
 def run_recipe(pair, spec, args, gallery):
-    name, flags = recipe_flags(spec)
-    after = flag(flags, AFTER, "") if flags != "tutorial" else ""  # a bench flag: train.py is given the rest
-    flags = strip(flags, AFTER) if after else flags
+    name, given = recipe_flags(spec)
+    after = flag(given, AFTER, "") if given != "tutorial" else ""  # a bench flag: train.py is given the rest
+    flags = strip(given, AFTER) if after else given
     faces, test_frames = prepare_pair(pair, args.out)
     names = PAIRS[pair][2:]
     work = args.out / pair / name
@@ -615,8 +615,7 @@ def run_recipe(pair, spec, args, gallery):
                           results)
         trained = utils.read_json(kept / "trained.json")
         row.update(samples_per_s=round(rate, 2), trained_on=trained["device"], train_wall_s=trained["seconds"])
-        (out / "budget.json").write_text(json.dumps(dict(row, recipe_flags=flags + ([AFTER, after] if after else [])),
-                                                     indent=1) + "\n")
+        utils.write_json(out / "budget.json", dict(row, recipe_flags=given))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
