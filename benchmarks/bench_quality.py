@@ -12,7 +12,8 @@ the run on this machine, so the curve is what an idle machine of this kind gives
 does not depend on what else runs while the benchmark trains. Recipes with --no-warp-last train a trunk
 with the random warp and, for each budget, a branch that ends without it (as a run of that length would).
 Recipes that differ only in flags acting in that end (TAIL_FLAGS, e.g. --lr-final) share their speed and
-their trunk (kept at each budget's step in <out>/<pair>/trunks/), so each of them trains only its ends.
+their trunk (kept at each budget's step in <out>/<pair>/trunks/), so each of them trains only its ends; a
+budget below one trained before goes on from the furthest kept trunk below it.
 A recipe with --after RECIPE:MINUTES is a run trained in parts: each budget goes on from RECIPE's model at MINUTES
 (--init) for the minutes left, at its own speed.
 
@@ -290,16 +291,26 @@ def shared_trunk(pair_dir, flags, step):
 
 
 def train_trunk(flags, faces, trunk, start, pair_dir, **on):
-    """Bring this recipe's trunk (with the warp) to step `start`: from a kept copy if a recipe with the same trunk
-    flags made one, else by training, keeping a copy of the result."""
+    """Bring this recipe's trunk (with the warp) to step `start`: from the furthest kept copy at or below it (one is
+    kept at the start of every budget's end that a recipe with the same trunk flags trained) where that is nearer
+    than the trunk itself, or where the trunk is past `start` (a budget below one trained before), else by training
+    on; a copy of the result is kept."""
     kept = shared_trunk(pair_dir, flags, start)
     path = trunk / models.CHECKPOINT
-    if kept.is_dir() and (not path.is_file() or models.load_checkpoint(path)["step"] < start):
+    at = models.load_checkpoint(path)["step"] if path.is_file() else 0
+    copies = [int(p.name) for p in kept.parent.glob("*") if p.name.isdigit()] if kept.parent.is_dir() else []
+    nearest = max((step for step in copies if step <= start), default=0)
+    if at > start and at not in copies:
+        raise SystemExit(f"{path} is at step {at}, past this budget's {start}, and no copy of it is kept in "
+                         f"{kept.parent}: move {trunk} away to train this budget")
+    if nearest > at or at > start:  # (a trunk past start is kept at its step: the check above)
         shutil.rmtree(trunk, ignore_errors=True)
-        shutil.copytree(kept, trunk)
-        print(f"trunk at step {start} copied from {kept}", flush=True)
-        return
-    check(train.main(train_flags(flags, faces, trunk, start, NO_END, **on)))
+        if nearest:
+            shutil.copytree(kept.parent / str(nearest), trunk)
+            print(f"trunk at step {nearest} copied from {kept.parent / str(nearest)}", flush=True)
+        at = nearest
+    if at < start:
+        check(train.main(train_flags(flags, faces, trunk, start, NO_END, **on)))
     if not kept.is_dir() and models.load_checkpoint(path)["step"] == start:
         tmp = kept.with_name(kept.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -605,7 +616,8 @@ def run_recipe(pair, spec, args, gallery):
         if args.stage != "evaluate":
             seconds = round(time.time() - started, 1)
             keep_model(model_dir / models.CHECKPOINT, kept, dict(device=device_name(args.device), steps=steps,
-                                                                 seconds=seconds))
+                                                                 seconds=seconds),
+                       steps - base_steps if after else steps)
             print(f"{pair} / {name} / {minutes:g} min: {steps} steps in {seconds:.0f} s -> {kept}", flush=True)
             if args.stage == "train":
                 continue
@@ -621,9 +633,13 @@ def run_recipe(pair, spec, args, gallery):
     return rows
 
 
-def keep_model(path, folder, trained):
-    """This budget's model, weights only and what convert_video.py reads beside them, and where it was trained."""
+def keep_model(path, folder, trained, step):
+    """This budget's model, weights only and what convert_video.py reads beside them, and where it was trained;
+    `step` is the step it must be at (a model trained past it is not this budget's)."""
     ckpt = models.load_checkpoint(path)
+    if ckpt["step"] != step:
+        raise SystemExit(f"{path} is at step {ckpt['step']}, not this budget's {step}: move {path.parent} away to "
+                         "train this budget again")
     folder.mkdir(parents=True, exist_ok=True)
     models.save_checkpoint(folder, {k: ckpt[k] for k in ("model", "config", "step", "identities", "reach")
                                     if k in ckpt},
