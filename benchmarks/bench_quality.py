@@ -100,7 +100,8 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # more learning per CPU minute still: twice the rate again (it diverges), or twice the steps of half the batch
     "tiny128_cover80_lr10": f"{TINY128.replace('--lr 2e-4', '--lr 1e-3')} --coverage 0.8",
     "tiny128_cover80_lr5_b8": f"{TINY128_LR5_B8} --coverage 0.8",
-    # half batch 8's batch again: twice its updates for about its speed per face. Does the faster start go on?
+    # half batch 8's batch again: twice its updates per face (at 0.86x its speed per face on 2 cores, docs/QUALITY.md).
+    # Does the faster start go on?
     "tiny128_cover80_lr5_b4": f"{TINY128_LR5_B4} --coverage 0.8",
     # the same with the learning rate falling to a tenth over its end without warp (it shares the trunk): is the
     # detail that stops growing after 60 minutes held back by the noise of batch 8's steps at a constant rate?
