@@ -24,6 +24,7 @@ A recipe with --after RECIPE:MINUTES is a run trained in parts: each budget goes
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -158,6 +159,7 @@ NO_END = {name: 0 for name in END_FLAGS}
 AFTER = "--after"
 TRUNK_FILES = (models.CHECKPOINT, "log.csv")  # what a kept trunk needs to go on from (60 MB for tiny)
 HOLDOUT = 0.15
+CALIBRATE_GUESS = 20  # steps of the first guess of a recipe's speed: two log rows (train_flags logs every 10)
 TUTORIAL_SAVE_EVERY = 40  # the tutorial's steps between saves of its trunk (~8 minutes here)
 
 
@@ -356,9 +358,11 @@ def calibrate_phase(flags, faces, work, seconds, end, **on):
             if sum(times) > seconds and len(times) >= 3:
                 break
         return 2 * tutorial.BATCH_SIZE * (len(times) - 1) / sum(times[1:])
-    start = time.time()
-    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, 10, end, **on)))  # a first guess
-    steps = 10 + int(10 * seconds / (time.time() - start))
+    # A first guess of the speed from a short run's last log row (its first holds the start-up: loading the faces,
+    # building the model, the first batches), then a run of about `seconds` of training at that speed.
+    check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, CALIBRATE_GUESS, end, **on)))
+    guess = log_rate(cal)
+    steps = CALIBRATE_GUESS + math.ceil(seconds * guess / (2 * flag(flags, "--batch-size", train.BATCH_SIZE)))
     shutil.rmtree(cal)
     check(train.main(train_flags(strip(flags, "--warmup"), faces, cal, steps, end, **on)))
     rate = log_rate(cal)
