@@ -22,6 +22,8 @@ A recipe with --after RECIPE:MINUTES is a run trained in parts: each budget goes
     python benchmarks/bench_quality.py --pairs obama-andrew --recipes "try:--model lite128 --loss l1" --budgets 5
 """
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -222,12 +224,31 @@ def check(returncode):
         raise SystemExit(returncode)
 
 
+@contextlib.contextmanager
+def waiting_lock(path):
+    """Hold an exclusive lock on the file `path`, first waiting for another run that holds it."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run to finish with {path.parent} ...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def prepare_pair(pair, out):
     """Frames and faces of every clip, split into training and held-out parts; A's held-out frames in one folder.
 
-    Without the clips (a GPU machine given only the faces of a run here) the faces already in `out` are used."""
-    clips_a, clips_b, _, _ = PAIRS[pair]
+    Without the clips (a GPU machine given only the faces of a run here) the faces already in `out` are used. Two
+    runs on one pair and `out` take turns: the second waits for the first to finish preparing, then finds it done."""
     root = out / pair / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    with waiting_lock(root / ".prepare.lock"):
+        return prepare_pair_now(pair, root)
+
+
+def prepare_pair_now(pair, root):
+    clips_a, clips_b, _, _ = PAIRS[pair]
     sides = {}
     for side, clips in (("A", clips_a), ("B", clips_b)):
         bases = [root / side / Path(clip).stem for clip in clips]

@@ -1,5 +1,6 @@
 """The benchmarks' own machinery, on the committed data: what they measure must be what they say."""
 import sys
+import threading
 import time
 
 import pytest
@@ -35,3 +36,22 @@ def test_calibration_trains_for_the_seconds_asked(obama_faces, reagan_faces, tmp
     assert 0.6 * seconds < trained < 2 * seconds, (steps, rate, trained)
     assert wall > 0.6 * seconds, wall
     assert not (tmp_path / "calibration").exists()  # nothing of it is left
+
+
+def test_two_runs_on_one_pair_take_turns(tmp_path, monkeypatch, capsys):
+    """A second benchmark run on a pair that another is preparing waits for it, then uses its faces (it used to stop
+    with crop_face's 'in use by another run')."""
+    monkeypatch.setattr(bench_quality, "VIDEOS", tmp_path / "no clips here")  # the faces only: nothing to extract
+    lock = tmp_path / "hdtf" / "data" / ".prepare.lock"
+    lock.parent.mkdir(parents=True)
+    done = []
+    second = threading.Thread(target=lambda: done.append(bench_quality.prepare_pair("hdtf", tmp_path)))
+    with bench_quality.waiting_lock(lock):  # the first run, preparing
+        second.start()
+        second.join(1.0)
+        assert second.is_alive() and not done
+    second.join(10)
+    sides, _ = done[0]
+    a = tmp_path / "hdtf" / "data" / "A"
+    assert sides["A"][0] == [a / "sadtalker_WDA_AlexandriaOcasioCortez_000" / "train_face"]
+    assert "waiting for another run" in capsys.readouterr().out
