@@ -106,6 +106,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # half batch 8's batch again: twice its updates per face (at 0.86x its speed per face on 2 cores, docs/QUALITY.md).
     # Does the faster start go on?
     "tiny128_cover80_lr5_b4": f"{TINY128_LR5_B4} --coverage 0.8",
+    # batch 8 with the edge term (the gradient difference loss, --edges 5), measured before only on tiny's 64 px faces
+    # with the conversion's texture and sharpening on: does it make the 128 px decoders draw finer strokes?
+    "tiny128_cover80_lr5_b8_edges5": f"{TINY128_LR5_B8} --coverage 0.8 --edges 5",
     # the same with the learning rate falling to a tenth over its end without warp (it shares the trunk): is the
     # detail that stops growing after 60 minutes held back by the noise of batch 8's steps at a constant rate?
     "tiny128_cover80_lr5_b8_decay": f"{TINY128_LR5_B8} --coverage 0.8 --lr-final 0.1",
