@@ -114,6 +114,10 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the batch-making process, so a step without it costs the training process the same)
     "tiny128_cover80_lr5_b8_nowarp40":
         f"{TINY128_LR5_B8.replace('--no-warp-last 0.2', '--no-warp-last 0.4')} --coverage 0.8",
+    # the two with another seed (weights and batches): how much two runs of each differ
+    "tiny128_cover80_lr5_b8_seed1": f"{TINY128_LR5_B8} --coverage 0.8 --seed 1",
+    "tiny128_cover80_lr5_b8_nowarp40_seed1":
+        f"{TINY128_LR5_B8.replace('--no-warp-last 0.2', '--no-warp-last 0.4')} --coverage 0.8 --seed 1",
     # the same with the learning rate falling to a tenth over its end without warp (it shares the trunk): is the
     # detail that stops growing after 60 minutes held back by the noise of batch 8's steps at a constant rate?
     "tiny128_cover80_lr5_b8_decay": f"{TINY128_LR5_B8} --coverage 0.8 --lr-final 0.1",
