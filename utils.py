@@ -176,11 +176,12 @@ LOCK_NAME = ".faceswap.lock"  # held by the run writing into a folder
 
 
 @contextlib.contextmanager
-def locked(folder, target=None):
+def locked(folder, target=None, wait=False):
     """Hold an advisory lock on an output folder (or on one file `target` in it) for a run.
 
     A second run on the same output stops at once with a one-line error instead of mixing its
-    work into the first one's. The lock goes with the process, so a killed run leaves none.
+    work into the first one's; with `wait` it says so and waits for the first to finish instead.
+    The lock goes with the process, so a killed run leaves none.
     """
     folder = Path(folder)
     path = folder / (LOCK_NAME if target is None else f".{Path(target).name}.lock")
@@ -189,9 +190,12 @@ def locked(folder, target=None):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise UserError(f"{folder / (target or '')} is in use by another run (process {owner}); "
-                        "wait for it to finish or choose another output") from None
+        if not wait:
+            os.close(fd)
+            raise UserError(f"{folder / (target or '')} is in use by another run (process {owner}); "
+                            "wait for it to finish or choose another output") from None
+        print(f"waiting for another run (process {owner}) to finish with {folder / (target or '')} ...", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

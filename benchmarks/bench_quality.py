@@ -22,8 +22,6 @@ A recipe with --after RECIPE:MINUTES is a run trained in parts: each budget goes
     python benchmarks/bench_quality.py --pairs obama-andrew --recipes "try:--model lite128 --loss l1" --budgets 5
 """
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -66,6 +64,7 @@ TINY128 = TINY_MASKED.replace("--model tiny", "--model tiny128")  # 128 px out o
 TINY128_LR5 = TINY128.replace("--lr 2e-4", "--lr 5e-4")  # the same at 2.5x the learning rate
 TINY128_LR5_B8 = TINY128_LR5.replace("--batch-size 16", "--batch-size 8")  # and half the batch
 TINY128_LR5_B4 = TINY128_LR5.replace("--batch-size 16", "--batch-size 4")  # and a quarter
+TINY128_LR5_B8_NOWARP40 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.4")  # batch 8, 40 % unwarped
 TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
@@ -112,12 +111,10 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # batch 8 with twice its end without warp (the last 40 % of the steps, not 20 %): DeepFaceLab's advice is to turn
     # the random warp off once the model has settled, for sharper faces. Given batch 8's speed (the warp is made in
     # the batch-making process, so a step without it costs the training process the same)
-    "tiny128_cover80_lr5_b8_nowarp40":
-        f"{TINY128_LR5_B8.replace('--no-warp-last 0.2', '--no-warp-last 0.4')} --coverage 0.8",
+    "tiny128_cover80_lr5_b8_nowarp40": f"{TINY128_LR5_B8_NOWARP40} --coverage 0.8",
     # the two with another seed (weights and batches): how much two runs of each differ
     "tiny128_cover80_lr5_b8_seed1": f"{TINY128_LR5_B8} --coverage 0.8 --seed 1",
-    "tiny128_cover80_lr5_b8_nowarp40_seed1":
-        f"{TINY128_LR5_B8.replace('--no-warp-last 0.2', '--no-warp-last 0.4')} --coverage 0.8 --seed 1",
+    "tiny128_cover80_lr5_b8_nowarp40_seed1": f"{TINY128_LR5_B8_NOWARP40} --coverage 0.8 --seed 1",
     # the same with the learning rate falling to a tenth over its end without warp (it shares the trunk): is the
     # detail that stops growing after 60 minutes held back by the noise of batch 8's steps at a constant rate?
     "tiny128_cover80_lr5_b8_decay": f"{TINY128_LR5_B8} --coverage 0.8 --lr-final 0.1",
@@ -236,18 +233,6 @@ def check(returncode):
         raise SystemExit(returncode)
 
 
-@contextlib.contextmanager
-def waiting_lock(path):
-    """Hold an exclusive lock on the file `path`, first waiting for another run that holds it."""
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another run to finish with {path.parent} ...", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
 def prepare_pair(pair, out):
     """Frames and faces of every clip, split into training and held-out parts; A's held-out frames in one folder.
 
@@ -255,7 +240,7 @@ def prepare_pair(pair, out):
     runs on one pair and `out` take turns: the second waits for the first to finish preparing, then finds it done."""
     root = out / pair / "data"
     root.mkdir(parents=True, exist_ok=True)
-    with waiting_lock(root / ".prepare.lock"):
+    with utils.locked(root, wait=True):
         return prepare_pair_now(pair, root)
 
 

@@ -11,6 +11,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_quality  # noqa: E402
 
+import utils  # noqa: E402
+
 
 @pytest.mark.slow  # a run of its --calibrate-seconds
 def test_calibration_trains_for_the_seconds_asked(obama_faces, reagan_faces, tmp_path, monkeypatch):
@@ -42,11 +44,11 @@ def test_two_runs_on_one_pair_take_turns(tmp_path, monkeypatch, capsys):
     """A second benchmark run on a pair that another is preparing waits for it, then uses its faces (it used to stop
     with crop_face's 'in use by another run')."""
     monkeypatch.setattr(bench_quality, "VIDEOS", tmp_path / "no clips here")  # the faces only: nothing to extract
-    lock = tmp_path / "hdtf" / "data" / ".prepare.lock"
-    lock.parent.mkdir(parents=True)
+    data = tmp_path / "hdtf" / "data"
+    data.mkdir(parents=True)
     done = []
     second = threading.Thread(target=lambda: done.append(bench_quality.prepare_pair("hdtf", tmp_path)))
-    with bench_quality.waiting_lock(lock):  # the first run, preparing
+    with utils.locked(data):  # the first run, preparing
         second.start()
         second.join(1.0)
         assert second.is_alive() and not done
