@@ -13,7 +13,8 @@ does not depend on what else runs while the benchmark trains. Recipes with --no-
 with the random warp and, for each budget, a branch that ends without it (as a run of that length would).
 Recipes that differ only in flags acting in that end (TAIL_FLAGS, e.g. --lr-final) share their speed and
 their trunk (kept at each budget's step in <out>/<pair>/trunks/), so each of them trains only its ends; a
-budget below one trained before goes on from the furthest kept trunk below it.
+budget below one trained before goes on from the furthest kept trunk below it. Recipes that differ only in the
+length of their end (--no-warp-last) share their trunk too.
 A recipe with --after RECIPE:MINUTES is a run trained in parts: each budget goes on from RECIPE's model at MINUTES
 (--init) for the minutes left, at its own speed.
 
@@ -65,6 +66,7 @@ TINY128_LR5 = TINY128.replace("--lr 2e-4", "--lr 5e-4")  # the same at 2.5x the 
 TINY128_LR5_B8 = TINY128_LR5.replace("--batch-size 16", "--batch-size 8")  # and half the batch
 TINY128_LR5_B4 = TINY128_LR5.replace("--batch-size 16", "--batch-size 4")  # and a quarter
 TINY128_LR5_B8_NOWARP40 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.4")  # batch 8, 40 % unwarped
+TINY128_LR5_B8_NOWARP60 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.6")  # and 60 %
 TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
@@ -112,6 +114,9 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the random warp off once the model has settled, for sharper faces. Given batch 8's speed (the warp is made in
     # the batch-making process, so a step without it costs the training process the same)
     "tiny128_cover80_lr5_b8_nowarp40": f"{TINY128_LR5_B8_NOWARP40} --coverage 0.8",
+    # and the last 60 %: does the detail go on growing with the share, or does the swap drift back towards A once
+    # the warp has shaped less of the run?
+    "tiny128_cover80_lr5_b8_nowarp60": f"{TINY128_LR5_B8_NOWARP60} --coverage 0.8",
     # the two with another seed (weights and batches): how much two runs of each differ
     "tiny128_cover80_lr5_b8_seed1": f"{TINY128_LR5_B8} --coverage 0.8 --seed 1",
     "tiny128_cover80_lr5_b8_nowarp40_seed1": f"{TINY128_LR5_B8_NOWARP40} --coverage 0.8 --seed 1",
@@ -309,8 +314,12 @@ def speed_flags(flags):
 
 def shared_trunk(pair_dir, flags, step):
     """Where the trunk of every recipe with these trunk flags is kept at `step`: one recipe trains it, the others
-    start their ends from a copy."""
-    key = hashlib.sha1(" ".join(trunk_flags(flags)).encode()).hexdigest()[:12]
+    start their ends from a copy. The shares of the end (END_FLAGS) do not count: a trunk trains without its end."""
+    flags = trunk_flags(flags)
+    if flags != "tutorial":
+        for name in END_FLAGS:
+            flags = strip(flags, name)
+    key = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:12]
     return pair_dir / "trunks" / key / str(step)
 
 
