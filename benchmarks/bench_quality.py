@@ -67,6 +67,7 @@ TINY128_LR5_B8 = TINY128_LR5.replace("--batch-size 16", "--batch-size 8")  # and
 TINY128_LR5_B4 = TINY128_LR5.replace("--batch-size 16", "--batch-size 4")  # and a quarter
 TINY128_LR5_B8_NOWARP40 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.4")  # batch 8, 40 % unwarped
 TINY128_LR5_B8_NOWARP60 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.6")  # and 60 %
+TINY128_LR5_B8_NOWARP80 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.8")  # and 80 %
 TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
@@ -117,6 +118,7 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # and the last 60 %: does the detail go on growing with the share, or does the swap drift back towards A once
     # the warp has shaped less of the run?
     "tiny128_cover80_lr5_b8_nowarp60": f"{TINY128_LR5_B8_NOWARP60} --coverage 0.8",
+    "tiny128_cover80_lr5_b8_nowarp80": f"{TINY128_LR5_B8_NOWARP80} --coverage 0.8",
     # the two with another seed (weights and batches): how much two runs of each differ
     "tiny128_cover80_lr5_b8_seed1": f"{TINY128_LR5_B8} --coverage 0.8 --seed 1",
     "tiny128_cover80_lr5_b8_nowarp40_seed1": f"{TINY128_LR5_B8_NOWARP40} --coverage 0.8 --seed 1",
