@@ -137,6 +137,12 @@ def read_video(path):
     return (frame.image for frame in FrameSource(path))
 
 
+# PyAV keeps one swscale context per thread for the thread's life. With slice threads of its own (swscale's default),
+# a process forked while another thread holds one (the encoding thread below, a reader) hangs for good as it frees
+# that thread's context (train.py's batch workers, after a video step in the same process: demo.py, the tests).
+SWS_THREADS = 1
+
+
 def frame_to_bgr(frame):
     """PyAV frame -> BGR uint8, through 4:4:4 first.
 
@@ -145,10 +151,10 @@ def frame_to_bgr(frame):
     """
     name = frame.format.name
     if name.startswith("yuvj"):
-        frame = frame.reformat(format="yuvj444p")
+        frame = frame.reformat(format="yuvj444p", threads=SWS_THREADS)
     elif name.startswith("yuv"):
-        frame = frame.reformat(format="yuv444p")
-    return frame.to_ndarray(format="bgr24")
+        frame = frame.reformat(format="yuv444p", threads=SWS_THREADS)
+    return frame.to_ndarray(format="bgr24", threads=SWS_THREADS)
 
 
 # ---------------------------------------------------------------- writing
@@ -181,7 +187,8 @@ class FolderWriter:
 
 def bgr_to_frame(image):
     """BGR uint8 -> PyAV yuv444p frame (see frame_to_bgr); the encoder subsamples it exactly."""
-    return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24").reformat(format="yuv444p")
+    return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24").reformat(format="yuv444p",
+                                                                                          threads=SWS_THREADS)
 
 
 class VideoWriter:
