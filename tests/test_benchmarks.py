@@ -61,8 +61,9 @@ def test_two_runs_on_one_pair_take_turns(tmp_path, monkeypatch, capsys):
 
 def test_recipes_that_share_a_trunk_train_the_same_one():
     """Two recipes are given one kept trunk only where the runs that train it are the same run: the same train.py
-    flags once the end phases are switched off (NO_END), as train_trunk trains it. Recipes that differ in their end's
-    share (--no-warp-last 0.2 / 0.4) share it; another seed, learning rate or model does not."""
+    flags once the end phases are switched off (NO_END), as train_trunk trains it, but for the flags that act only
+    in the end (TAIL_FLAGS, e.g. --lr-final: they share a trunk by design). Recipes that differ in their end's share
+    (--no-warp-last 0.2 / 0.4) share it; another seed, learning rate or model does not."""
     faces = {"A": ([ROOT / "a"], []), "B": ([ROOT / "b"], [])}
     named = {name: bench_quality.recipe_flags(name)[1] for name in bench_quality.RECIPES}
     by_key = {}
