@@ -141,6 +141,10 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the budget's later part (its last 20 % without warp): does detail keep growing from a settled model?
     "tiny128_cover80_lr5_b8_then_gan_recon":
         f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps --gan-last 1 --after tiny128_cover80_lr5_b8:60",
+    # the same adversarial hour from the 60-minute model of the end without warp over 80 % of the run
+    "tiny128_cover80_lr5_b8_nowarp80_then_gan_recon":
+        f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps --gan-last 1 "
+        "--after tiny128_cover80_lr5_b8_nowarp80:60",
     # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
     "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term
