@@ -68,6 +68,8 @@ TINY128_LR5_B4 = TINY128_LR5.replace("--batch-size 16", "--batch-size 4")  # and
 TINY128_LR5_B8_NOWARP40 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.4")  # batch 8, 40 % unwarped
 TINY128_LR5_B8_NOWARP60 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.6")  # and 60 %
 TINY128_LR5_B8_NOWARP80 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-warp-last 0.8")  # and 80 %
+# an adversarial hour from a kept model: each decoder's reconstructions judged over the whole of the run
+TINY128_B8_GAN_HOUR = f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps --gan-last 1"
 TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
@@ -139,12 +141,10 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     "tiny128_cover80_lr5_b8_gan_recon": f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps",
     # batch 8's 60-minute model trained on with the adversarial end judging reconstructions only, over the whole of
     # the budget's later part (its last 20 % without warp): does detail keep growing from a settled model?
-    "tiny128_cover80_lr5_b8_then_gan_recon":
-        f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps --gan-last 1 --after tiny128_cover80_lr5_b8:60",
+    "tiny128_cover80_lr5_b8_then_gan_recon": f"{TINY128_B8_GAN_HOUR} --after tiny128_cover80_lr5_b8:60",
     # the same adversarial hour from the 60-minute model of the end without warp over 80 % of the run
     "tiny128_cover80_lr5_b8_nowarp80_then_gan_recon":
-        f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps --gan-last 1 "
-        "--after tiny128_cover80_lr5_b8_nowarp80:60",
+        f"{TINY128_B8_GAN_HOUR} --after tiny128_cover80_lr5_b8_nowarp80:60",
     # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
     "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term
