@@ -61,6 +61,10 @@ MODEL_CONFIGS = {
     # real faces at 128 px (DetailNet)
     "tiny_detail": dict(input_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
                         decoder_channels=(64, 32, 16), detail_scale=2),
+    # tiny128 with a detail stage per person: each decoder's 128 px face redrawn at 256 px, learned from that
+    # person's real faces at 256 px; can be started from a tiny128 model (train.py --init)
+    "tiny128_detail": dict(input_size=128, encoder_size=64, encoder_channels=(32, 64, 128, 256), latent_dim=256,
+                           decoder_channels=(64, 32, 16, 16), output_kernel=3, detail_scale=2),
     # tiny in DeepFaceLab's LIAE layout: the encoder's dense expansion is the inter layer both people share (AB),
     # A has one more of its own; one decoder body draws both from the two inter layers' outputs side by side
     # (A: its own and AB's; B: AB's twice), so the swap (A's face with B's inputs) reaches the body in the form it

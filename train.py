@@ -603,10 +603,14 @@ def prepare(args, device, quiet):
 
 
 def init_from(model, path, quiet, parts="all"):
-    """Copy a pretrained base's weights (all, or the encoder's) into a new model of the same preset."""
+    """Copy a pretrained base's weights (all, or the encoder's) into a new model of the same preset. A model with
+    detail stages may start from the same preset without them: its stages start as the plain enlargement."""
     base = models.load_checkpoint(path)
     mine = {k: v for k, v in model.config.items() if k != "name"}
     theirs = {k: v for k, v in models.build_model(base["config"]).config.items() if k != "name"}
+    new_stages = theirs["detail_scale"] == 1 < mine["detail_scale"]  # the base has no detail stages, this model has
+    if new_stages:
+        theirs["detail_scale"] = mine["detail_scale"]
     if mine != theirs:
         differ = ", ".join(f"{k} {theirs.get(k)} (here {mine.get(k)})" for k in sorted(set(mine) | set(theirs))
                            if mine.get(k) != theirs.get(k))
@@ -616,9 +620,11 @@ def init_from(model, path, quiet, parts="all"):
     if parts == "encoder":
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
     else:
-        model.load_state_dict(weights)
+        missing, unexpected = model.load_state_dict(weights, strict=not new_stages)
+        assert not unexpected and all(k.startswith(("detail_a.", "detail_b.")) for k in missing), (missing, unexpected)
     if not quiet:
-        print(f"starting from the {'encoder' if parts == 'encoder' else 'weights'} of {path} (step {base['step']})")
+        print(f"starting from the {'encoder' if parts == 'encoder' else 'weights'} of {path} (step {base['step']})"
+              + ("; the detail stages start as the plain enlargement" if new_stages else ""))
 
 
 def load_training_faces(folders, quiet):

@@ -71,6 +71,7 @@ TINY128_LR5_B8_NOWARP80 = TINY128_LR5_B8.replace("--no-warp-last 0.2", "--no-war
 # an adversarial hour from a kept model: each decoder's reconstructions judged over the whole of the run
 TINY128_B8_GAN_HOUR = f"{TINY128_LR5_B8} --coverage 0.8 --gan 0.1 --no-gan-swaps --gan-last 1"
 TINY_DETAIL = TINY_MASKED.replace("--model tiny", "--model tiny_detail")  # tiny with a detail stage per person
+TINY128_DETAIL_LR5_B8 = TINY128_LR5_B8.replace("tiny128", "tiny128_detail")  # batch 8 with 128 px faces redrawn at 256
 FROM_BASE = f"--init {ROOT / 'base' / 'tiny_base.pt'}"  # make it first: benchmarks/make_base.py --model tiny
 RECIPES = {  # train.py flags (batch size given, so budgets can be turned into steps)
     # train.py's default: the tiny model (64 px) with the masked loss, warm-up, no warp at the end
@@ -145,6 +146,11 @@ RECIPES = {  # train.py flags (batch size given, so budgets can be turned into s
     # the same adversarial hour from the 60-minute model of the end without warp over 80 % of the run
     "tiny128_cover80_lr5_b8_nowarp80_then_gan_recon":
         f"{TINY128_B8_GAN_HOUR} --after tiny128_cover80_lr5_b8_nowarp80:60",
+    # the same 60-minute model trained on for the budget's later part as tiny128_detail: a detail stage per person
+    # learns to redraw its decoder's 128 px faces at 256 px from that person's real faces (the decoders go on
+    # learning as before): does a person's own detail at twice the size reach the swap?
+    "tiny128_cover80_lr5_b8_nowarp80_then_detail":
+        f"{TINY128_DETAIL_LR5_B8} --coverage 0.8 --after tiny128_cover80_lr5_b8_nowarp80:60",
     # the default recipe at the same higher rate: is the gain the 128 px decoders' alone?
     "tiny_masked_lr5": TINY_MASKED.replace("--lr 2e-4", "--lr 5e-4"),
     # tiny128 with the edge term

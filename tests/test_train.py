@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from conftest import OBAMA, ctrl_c_at_step, run_main
 
@@ -373,6 +374,31 @@ def test_detail_stage_learns_and_converts(faces, tmp_path, capsys):
                                              "--output-path", str(tmp_path / "out.mp4"), "--max-frames", "3",
                                              "--workers", "1"], capsys)
     assert code == 0 and "3 frames (3 with a swapped face" in io.out, io.err
+
+
+@pytest.mark.slow
+def test_detail_stages_start_from_a_model_without_them(faces, tmp_path, capsys):
+    """--init of a tiny model into tiny_detail copies every weight it has, and the new detail stages start as the
+    plain enlargement; the other way round (stages the new model has no place for) is a one-line error."""
+    assert train.main(tiny_args(faces, tmp_path / "plain", "--iterations", "2")) == 0
+    plain = weights(tmp_path / "plain")
+    args = tiny_args(faces, tmp_path / "detail", "--iterations", "1", "--lr", "0",  # one step that moves nothing
+                     "--init", str(tmp_path / "plain" / models.CHECKPOINT))
+    args[args.index("tiny")] = "tiny_detail"
+    assert train.main(args) == 0
+    assert "the detail stages start as the plain enlargement" in capsys.readouterr().out
+    detail = weights(tmp_path / "detail")
+    assert all(torch.equal(plain[k], detail[k]) for k in plain)
+    assert {k.split(".")[0] for k in detail.keys() - plain.keys()} == {"detail_a", "detail_b"}
+    model, _ = models.load_model(tmp_path / "detail" / models.CHECKPOINT)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        face = model(x, "b")
+        assert torch.allclose(model.draw(x, "b"), nn.functional.interpolate(face, scale_factor=2, mode="bilinear"))
+    code, io = run_main(train.main, tiny_args(faces, tmp_path / "back", "--iterations", "1",
+                                              "--init", str(tmp_path / "detail" / models.CHECKPOINT)), capsys)
+    assert code == 1 and "holds a 'tiny_detail' model with detail_scale 2 (here 1)" in io.err, io.err
+    assert "Traceback" not in io.err
 
 
 @pytest.mark.slow  # three training runs of a preset that is not the default: make test-all
