@@ -208,7 +208,7 @@ def parse_args(argv=None):
                         "faces")
     p.add_argument("--ceiling", action="store_true",
                    help="only measure what a perfect model could reach: each pair's held-out A frames with their own "
-                        "face cut out at the model's size (64 and 128 px) and pasted back as convert_video.py pastes "
+                        "face cut out at the model's size (CEILING_SIZES) and pasted back as convert_video.py pastes "
                         "(detail), and with B's held-out faces pasted over them (likeness), at each --coverage of "
                         "CEILING_COVERAGES")
     p.add_argument("--calibrate-only", action="store_true",
@@ -527,6 +527,7 @@ def gather_sheets(out, pairs, recipes, budgets, path, face=SHEET_SIZE):
 
 
 CEILING_COVERAGES = (1.0, 0.8, 0.7)  # train.py --coverage values the ceiling is measured at
+CEILING_SIZES = (64, 128, 256)  # and the sizes of the models' faces (256: tiny128_detail's)
 
 
 def ceiling(pair, out, every, cases):
@@ -783,7 +784,7 @@ def main(argv=None):
         gather_sheets(args.out, args.pairs, [recipe_flags(spec)[0] for spec in args.recipes], args.budgets, args.sheet)
         return 0
     if args.ceiling:
-        cases = [(size, coverage) for coverage in CEILING_COVERAGES for size in (64, 128)]
+        cases = [(size, coverage) for coverage in CEILING_COVERAGES for size in CEILING_SIZES]
         rows = [row for pair in args.pairs for row in ceiling(pair, args.out, args.eval_every, cases)]
         utils.write_json(args.out / "ceiling.json", rows)
         print(json.dumps(rows, indent=1))
